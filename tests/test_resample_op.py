@@ -25,9 +25,8 @@ def _bilinear_clamped(img: np.ndarray, y: float, x: float) -> float:
     y0, x0 = math.floor(y), math.floor(x)
     y1, x1 = min(y0 + 1, hp - 1), min(x0 + 1, wp - 1)
     b, a = y - y0, x - x0
-    return (
-        (1 - b) * ((1 - a) * img[y0, x0] + a * img[y0, x1])
-        + b * ((1 - a) * img[y1, x0] + a * img[y1, x1])
+    return (1 - b) * ((1 - a) * img[y0, x0] + a * img[y0, x1]) + b * (
+        (1 - a) * img[y1, x0] + a * img[y1, x1]
     )
 
 

@@ -29,9 +29,7 @@ _BACKENDS: list[Backend] = []
 _REFERENCE = Backend("torch", resample_reference, lambda t: True)
 
 
-def register_backend(
-    name: str, fn: ResampleFn, supports: Callable[[torch.Tensor], bool]
-) -> None:
+def register_backend(name: str, fn: ResampleFn, supports: Callable[[torch.Tensor], bool]) -> None:
     """Put a backend ahead of the others (and of the reference) for the inputs it supports."""
     _BACKENDS[:] = [b for b in _BACKENDS if b.name != name]
     _BACKENDS.insert(0, Backend(name, fn, supports))

@@ -1,0 +1,70 @@
+"""The CAR pair: resampler network + adaptive resampler + 8-bit quantisation + EDSR."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from carcli.models.config import CARConfig
+from carcli.models.edsr import EDSR
+from carcli.models.resampler import SIZE_MULTIPLE, ResamplerNet
+from carcli.ops import resample
+from carcli.ops.reference import reflect_pad
+
+
+def lr_size(height: int, width: int, scale: int) -> tuple[int, int]:
+    """Size of the downscaled image: ceil(H/s) x ceil(W/s)."""
+    return math.ceil(height / scale), math.ceil(width / scale)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad bottom and right so both sides are multiples of ``multiple``."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return x
+    # Reflect needs pad < side; pad symmetrically in steps, then crop the top/left part away.
+    padded = reflect_pad(x, max(ph, pw))
+    p = max(ph, pw)
+    return padded[..., p : p + h + ph, p : p + w + pw]
+
+
+def quantize(lr: torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, 1] and round to the 8-bit grid (what a stored PNG holds)."""
+    return torch.round(lr.clamp(0.0, 1.0) * 255.0) / 255.0
+
+
+class CARModel(nn.Module):
+    def __init__(self, config: CARConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.scale = config.scale
+        self.resampler = ResamplerNet(config)
+        self.sr = EDSR(config)
+
+    def resample_padded(self, hr: torch.Tensor) -> torch.Tensor:
+        """Float LR of an HR batch whose sides are already multiples of 8."""
+        kernels, offsets_h, offsets_v = self.resampler(hr)
+        return resample(hr, kernels.float(), offsets_h.float(), offsets_v.float(), self.scale)
+
+    def downscale(self, hr: torch.Tensor) -> torch.Tensor:
+        """HR in [0, 1], any size -> float LR (not yet quantised), ceil(H/s) x ceil(W/s)."""
+        h, w = hr.shape[-2:]
+        lr = self.resample_padded(pad_to_multiple(hr, SIZE_MULTIPLE))
+        lh, lw = lr_size(h, w, self.scale)
+        return lr[..., :lh, :lw]
+
+    def upscale(self, lr: torch.Tensor) -> torch.Tensor:
+        """LR in [0, 1] -> HR (unclamped) at ``scale`` times the size."""
+        return self.sr(lr)
+
+    def forward(self, hr: torch.Tensor) -> torch.Tensor:
+        """Round trip: downscale, quantise, upscale, crop to the input size."""
+        h, w = hr.shape[-2:]
+        return self.upscale(quantize(self.downscale(hr)))[..., :h, :w]
+
+    def parameter_counts(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+        return {"resampler": count(self.resampler), "sr": count(self.sr)}

@@ -1,0 +1,97 @@
+"""The resampler (kernel generation) network: HR image -> per-LR-pixel kernels and offsets."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from carcli.models.config import CARConfig
+from carcli.models.layers import (
+    DownsampleBlock,
+    MeanShift,
+    ResidualBlock,
+    UpsampleBlock,
+    reflect_conv3,
+)
+
+# Input sides must be multiples of this (three pixel-unshuffles by 2).
+SIZE_MULTIPLE = 8
+
+
+def _trunk(width: int, convs: int, factor: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(convs):
+        layers += [*reflect_conv3(width, width), nn.ReLU()]
+    layers.append(UpsampleBlock(width, factor))
+    layers += [*reflect_conv3(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _head(width: int, taps: int, tanh: bool) -> nn.Sequential:
+    layers = [*reflect_conv3(width, width), nn.ReLU(), *reflect_conv3(width, taps)]
+    if tanh:
+        layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def normalize_kernels(raw: torch.Tensor) -> torch.Tensor:
+    """Clamp to [1e-6, 1] and divide by the sum over taps: convex weights."""
+    k = raw.clamp(1e-6, 1.0)
+    return k / k.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """Keys' cubic convolution kernel (a = -0.5, as MATLAB's imresize)."""
+    x = x.abs()
+    x2, x3 = x * x, x * x * x
+    near = (a + 2) * x3 - (a + 3) * x2 + 1
+    far = a * x3 - 5 * a * x2 + 8 * a * x - 4 * a
+    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+class ResamplerNet(nn.Module):
+    def __init__(self, config: CARConfig) -> None:
+        super().__init__()
+        r, s = config.resampler, config.scale
+        taps = config.kernel_size**2
+        self.scale = s
+        self.sub_mean = MeanShift(-1.0)
+        self.ds_1 = nn.Sequential(nn.ReflectionPad2d(2), nn.Conv2d(3, r.c1, 5), nn.LeakyReLU(0.2))
+        self.ds_2 = DownsampleBlock(r.c1, r.c2)
+        self.ds_4 = DownsampleBlock(r.c2, r.c4)
+        self.res_4 = nn.Sequential(*[ResidualBlock(r.c4) for _ in range(r.blocks)])
+        self.ds_8 = DownsampleBlock(r.c4, r.c8)
+        self.kernels_trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
+        self.kernels_weight = _head(r.c8, taps, tanh=False)
+        self.offsets_trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
+        self.offsets_h_generation = _head(r.c8, taps, tanh=True)
+        self.offsets_v_generation = _head(r.c8, taps, tanh=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RGB in [0, 1], sides multiples of 8 -> (kernels, offsets_h, offsets_v) at H/s."""
+        x = self.sub_mean(x)
+        x = self.ds_1(x)
+        x = self.ds_2(x)
+        x = self.ds_4(x)
+        x = x + self.res_4(x)
+        x = self.ds_8(x)
+        k = self.kernels_trunk(x)
+        kernels = normalize_kernels(self.kernels_weight(k))
+        o = self.offsets_trunk(x)
+        return kernels, self.offsets_h_generation(o), self.offsets_v_generation(o)
+
+    @torch.no_grad()
+    def init_as_bicubic(self) -> None:
+        """Start as a fixed antialiasing cubic kernel with zero offsets (LR close to bicubic)."""
+        k = int(round(self.kernels_weight[-1].out_channels ** 0.5))
+        pos = (torch.arange(k, dtype=torch.float32) - k // 2) / self.scale
+        w1 = cubic(pos).clamp_min(1e-6)
+        w2 = torch.outer(w1, w1)
+        w2 = w2 / w2.sum() * 0.5  # leave headroom under the clamp at 1
+        for head, bias in (
+            (self.kernels_weight[-1], w2.flatten()),
+            (self.offsets_h_generation[-2], torch.zeros(k * k)),
+            (self.offsets_v_generation[-2], torch.zeros(k * k)),
+        ):
+            head.weight.mul_(1e-3)
+            head.bias.copy_(bias)
