@@ -1,0 +1,333 @@
+"""Reading, writing and finding images.
+
+Everything the rest of carcli sees of an image is a :class:`Picture`: a
+3 x H x W float32 RGB tensor in [0, 1], an optional alpha plane, the source
+bit depth and the PNG text chunks. This module is the only place that knows
+about file formats, EXIF orientation, colour modes and 16-bit decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+
+# PNG text chunks that ``car downscale`` writes so ``car upscale`` can restore the exact size.
+SOURCE_SIZE_KEY = "carcli:source-size"  # "WxH" of the image that was downscaled
+SCALE_KEY = "carcli:scale"  # the factor it was downscaled by
+
+# Output formats: name -> (file suffix, lossless, can hold 16 bits per sample).
+FORMATS: dict[str, tuple[str, bool, bool]] = {
+    "png": (".png", True, True),
+    "webp": (".webp", True, False),
+    "jpg": (".jpg", False, False),
+}
+_SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"}
+
+_TEMP_MARKER = ".carcli-tmp-"
+_EXIF_ORIENTATION = 0x0112
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+class ImageReadError(Exception):
+    """A file that cannot be decoded; the message is one line for the user."""
+
+
+class ImageWriteError(Exception):
+    """An image that cannot be encoded or written; the message is one line for the user."""
+
+
+@dataclass
+class Picture:
+    """An image as carcli processes it: float RGB (+ alpha) and what is needed to write it back."""
+
+    rgb: torch.Tensor  # 3 x H x W float32 in [0, 1]
+    alpha: torch.Tensor | None = None  # 1 x H x W float32 in [0, 1]
+    bits: int = 8  # precision of the source samples: 8 or 16
+    grey: bool = False  # the source had a single colour channel
+    text: dict[str, str] = field(default_factory=dict)  # PNG text chunks
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[-2])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[-1])
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_image(path: Path | str) -> Picture:
+    """Decode an image file, upright (EXIF orientation applied), as RGB float.
+
+    Raises :class:`ImageReadError` with a one-line reason for anything that is
+    not a complete, supported image.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ImageReadError("is a directory") from None
+    except OSError as exc:
+        raise ImageReadError(exc.strerror or str(exc)) from None
+    return decode_image(data)
+
+
+def decode_image(data: bytes) -> Picture:
+    """Decode encoded image bytes (see :func:`read_image`)."""
+    if not data:
+        raise ImageReadError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            im.load()  # decode everything now so truncation shows up here
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image, or not a supported format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"image too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = str(exc).strip().rstrip(".") or type(exc).__name__
+        if "truncated" in reason.lower():
+            reason = "truncated image data"
+        raise ImageReadError(f"corrupt image: {reason}") from None
+    if im.format not in {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "MPO", "DIB"}:
+        raise ImageReadError(f"unsupported format {im.format}")
+
+    orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    text = {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+    if _is_16bit_colour(data, im):
+        # Pillow reduces 16-bit colour to 8 bits; OpenCV keeps every bit.
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if array is None or array.dtype != np.uint16:
+            raise ImageReadError("corrupt 16-bit image data")
+        if array.ndim == 3:
+            order = [2, 1, 0, 3] if array.shape[2] == 4 else [2, 1, 0]
+            array = array[..., order]
+        grey = array.ndim == 2
+    else:
+        array, grey = _pil_to_array(im)
+    array = apply_orientation(array, orientation)
+    picture = picture_from_array(array)
+    picture.grey = grey
+    picture.text = text
+    return picture
+
+
+def _is_16bit_colour(data: bytes, im: Image.Image) -> bool:
+    """Whether the file has 16-bit colour samples (which Pillow would truncate)."""
+    if im.format == "PNG":
+        # IHDR: bit depth at byte 24, colour type at 25 (2 RGB, 4 grey+alpha, 6 RGBA).
+        return len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6)
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, (8,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return 16 in bits and im.mode not in _GREY_MODES
+    return False
+
+
+def _pil_to_array(im: Image.Image) -> tuple[np.ndarray, bool]:
+    """Pixels of a decoded PIL image as HxW (grey), HxWx2 (grey+alpha), HxWx3 or HxWx4."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        return np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint16), True
+    if mode == "F":  # float TIFF: assumed to be in [0, 1] like everything else here
+        return np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0), True
+    if mode in ("1", "L"):
+        return np.asarray(im.convert("L")), True
+    if mode in ("LA", "La"):
+        return np.asarray(im.convert("LA")), True
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in im.info
+        return np.asarray(im.convert("RGBA" if has_alpha else "RGB")), False
+    if mode in ("RGBA", "RGBa"):
+        return np.asarray(im.convert("RGBA")), False
+    return np.asarray(im.convert("RGB")), False  # RGB, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn an HxW[xC] array upright according to its EXIF orientation tag (1-8)."""
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
+        8: lambda a: np.rot90(a, 1),
+    }
+    op = ops.get(orientation) if isinstance(orientation, int) else None
+    return np.ascontiguousarray(op(array)) if op else array
+
+
+def picture_from_array(array: np.ndarray) -> Picture:
+    """A :class:`Picture` from an HxW, HxWx1, HxWx2, HxWx3 or HxWx4 uint8/uint16/float array."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"expected an HxW or HxWxC image with C in 1..4, got {array.shape}")
+    if array.dtype == np.uint8:
+        bits, tensor = 8, torch.from_numpy(array.astype(np.float32)) / 255.0
+    elif array.dtype == np.uint16:
+        bits, tensor = 16, torch.from_numpy(array.astype(np.float32)) / 65535.0
+    elif np.issubdtype(array.dtype, np.floating):
+        bits, tensor = 16, torch.from_numpy(np.clip(array, 0.0, 1.0).astype(np.float32))
+    else:
+        raise ValueError(f"unsupported pixel type {array.dtype}")
+    tensor = tensor.permute(2, 0, 1).contiguous()
+    channels = tensor.shape[0]
+    colour = tensor[:3] if channels >= 3 else tensor[:1].expand(3, -1, -1).contiguous()
+    alpha = tensor[channels - 1 :] if channels in (2, 4) else None
+    return Picture(rgb=colour, alpha=alpha, bits=bits, grey=channels <= 2)
+
+
+def picture_from_pil(im: Image.Image) -> Picture:
+    """A :class:`Picture` from an in-memory PIL image (colour modes as in :func:`read_image`)."""
+    array, grey = _pil_to_array(im)
+    picture = picture_from_array(array)
+    picture.grey = grey
+    picture.text = {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+    return picture
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def to_array(rgb: torch.Tensor, alpha: torch.Tensor | None = None, bits: int = 8) -> np.ndarray:
+    """HxWx3 (or HxWx4 with alpha) uint8/uint16 array, rounded from [0, 1] floats."""
+    planes = rgb if alpha is None else torch.cat([rgb, alpha.to(rgb.dtype)], dim=0)
+    peak, dtype = (65535.0, np.uint16) if bits == 16 else (255.0, np.uint8)
+    values = torch.round(planes.detach().float().cpu().clamp(0.0, 1.0) * peak)
+    return values.permute(1, 2, 0).numpy().astype(dtype)
+
+
+def encode_image(
+    rgb: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    *,
+    fmt: str = "png",
+    bits: int = 8,
+    text: dict[str, str] | None = None,
+    quality: int = 95,
+) -> bytes:
+    """Encode to PNG (8 or 16 bit), lossless WebP or JPEG; formats without 16 bits get 8."""
+    if fmt not in FORMATS:
+        raise ImageWriteError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if not FORMATS[fmt][2]:
+        bits = 8
+    if fmt == "jpg" and alpha is not None:
+        raise ImageWriteError("JPEG cannot store transparency; choose --format png or webp")
+    array = to_array(rgb, alpha, bits)
+    if bits == 16:  # Pillow cannot write 16-bit colour PNG; OpenCV can (no text chunks needed)
+        bgr = array[..., [2, 1, 0, 3] if array.shape[2] == 4 else [2, 1, 0]]
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(bgr))
+        if not ok:
+            raise ImageWriteError("could not encode the 16-bit PNG")
+        return encoded.tobytes()
+    im = Image.fromarray(array, "RGBA" if array.shape[2] == 4 else "RGB")
+    buf = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        for key, value in (text or {}).items():
+            info.add_text(key, value)
+        im.save(buf, "PNG", pnginfo=info, compress_level=6)
+    elif fmt == "webp":
+        # exact=True keeps the colour of fully transparent pixels; lossless keeps every value.
+        im.save(buf, "WEBP", lossless=True, quality=100, method=4, exact=True)
+    else:
+        im.save(buf, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    return buf.getvalue()
+
+
+def write_image(
+    path: Path | str,
+    rgb: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    *,
+    fmt: str | None = None,
+    bits: int = 8,
+    text: dict[str, str] | None = None,
+    quality: int = 95,
+) -> None:
+    """Encode and write atomically; the format follows the suffix unless ``fmt`` is given."""
+    path = Path(path)
+    fmt = fmt or format_for_suffix(path.suffix)
+    data = encode_image(rgb, alpha, fmt=fmt, bits=bits, text=text, quality=quality)
+    atomic_write_bytes(path, data)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a hidden temp file in the same folder and rename, so no partial file is left.
+
+    An interrupted batch therefore never leaves a half-written output that a
+    resumed run would skip as done.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImageWriteError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
+    temp = path.with_name(f".{path.name}{_TEMP_MARKER}{secrets.token_hex(4)}")
+    try:
+        with open(temp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException as exc:
+        temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ImageWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def format_for_suffix(suffix: str) -> str:
+    """Output format name for a file suffix (``.png`` -> ``png``)."""
+    try:
+        return _SUFFIX_FORMATS[suffix.lower()]
+    except KeyError:
+        names = ", ".join(sorted(_SUFFIX_FORMATS))
+        raise ImageWriteError(
+            f"cannot write {suffix or 'files without a suffix'}; use one of {names}"
+        ) from None
+
+
+def is_temp_file(path: Path) -> bool:
+    """Whether ``path`` is one of our in-progress temp files."""
+    return _TEMP_MARKER in path.name
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def is_image_path(path: Path) -> bool:
+    """Whether the name looks like an image we read (decoding decides whether it is one)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def find_images(root: Path, recursive: bool = False) -> list[Path]:
+    """Image files under ``root`` in a stable order; hidden files and folders are skipped."""
+    root = Path(root)
+    return sorted(_walk(root, recursive), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _walk(root: Path, recursive: bool) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        for name in filenames:
+            path = Path(dirpath) / name
+            if is_image_path(path) and path.is_file():
+                yield path

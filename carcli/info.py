@@ -1,0 +1,111 @@
+"""What ``car info`` reports: versions, devices and their resampling backend, installed weights."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+
+from carcli import __version__
+from carcli.checkpoints import installed_weights, weights_dir
+from carcli.models import CARConfig, CARModel
+from carcli.pipeline import resolve_device
+
+
+def resampling_backend(device: torch.device) -> str:
+    """Name of the resampling implementation ``car`` would use on ``device``."""
+    try:
+        from carcli.ops.native import active_backend  # the CUDA issue adds this
+
+        return str(active_backend(device))
+    except ImportError:
+        pass
+    except Exception as exc:  # a broken native build must not break `car info`
+        return f"torch (native backend failed: {str(exc).splitlines()[0] if str(exc) else exc})"
+    from carcli.ops.resample import backend_for
+
+    return backend_for(torch.empty(0, device=device)).name
+
+
+def devices() -> list[dict[str, str]]:
+    found = [{"device": "cpu", "name": platform.processor() or platform.machine() or "CPU"}]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            found.append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i)})
+    if torch.backends.mps.is_available():
+        found.append({"device": "mps", "name": "Apple GPU (MPS)"})
+    for entry in found:
+        entry["backend"] = resampling_backend(torch.device(entry["device"]))
+    return found
+
+
+def _parameters(meta: dict[str, Any]) -> dict[str, int] | None:
+    """Parameter counts from the metadata, or by building the config on the meta device."""
+    if isinstance(meta.get("parameters"), dict):
+        return meta["parameters"]
+    try:
+        with torch.device("meta"):
+            return CARModel(CARConfig.from_dict(meta["config"])).parameter_counts()
+    except Exception:
+        return None
+
+
+def _validation(meta: dict[str, Any]) -> Any:
+    for key in ("validation", "val_metrics", "metrics", "val"):
+        if key in meta:
+            return meta[key]
+    return None
+
+
+def _compact(value: Any) -> str:
+    """Nested metric dicts as ``Set5: psnr=30.1 ssim=0.85; ...`` for a table cell."""
+    if isinstance(value, dict):
+        parts = []
+        for key, sub in value.items():
+            inner = _compact(sub)
+            parts.append(f"{key}={inner}" if not isinstance(sub, dict) else f"{key}: {inner}")
+        return (
+            "; ".join(parts)
+            if any(isinstance(v, dict) for v in value.values())
+            else " ".join(parts)
+        )
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def gather() -> dict[str, Any]:
+    """Everything ``car info`` shows, JSON-serialisable (``--json`` writes it as is)."""
+    weights = []
+    for entry in installed_weights():
+        meta = entry.get("metadata") or {}
+        params = _parameters(meta) if meta else None
+        config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        validation = _validation(meta)
+        weights.append(
+            {
+                "scale": entry.get("scale"),
+                "file": str(entry["path"]),
+                "bytes": entry.get("size"),
+                "config": config.get("name"),
+                "parameters": (
+                    ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items()) if params else None
+                ),
+                "parameter_counts": params,
+                "validation": _compact(validation) if validation is not None else None,
+                "metadata": meta,
+                "error": entry.get("error"),
+            }
+        )
+    return {
+        "versions": {
+            "carcli": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "devices": devices(),
+        "default_device": str(resolve_device("auto")),
+        "weights_dir": str(weights_dir()),
+        "weights": weights,
+    }

@@ -1,0 +1,770 @@
+"""Downscale, upscale and round trip: on tensors, on pictures, and on folders of files.
+
+Three layers, so that later work (tiled inference, background decode/encode,
+batching) can replace one without touching the others or the CLI:
+
+* :class:`Processor` runs a :class:`CARModel` on image tensors (float32,
+  ``torch.inference_mode``) and knows nothing about files;
+* ``*_picture`` functions apply it to a :class:`Picture` (alpha, bit depth,
+  the source-size note in the PNG text chunks);
+* :func:`run_batch` walks :class:`Item` s through a :class:`Task`
+  (load -> compute -> save), handles errors per file, skips finished outputs,
+  writes atomically and reports progress to a :class:`Reporter`.
+
+``evaluate_folder`` (for training) and ``car roundtrip`` share one code path.
+The public one-call API (:func:`downscale`, :func:`upscale`, :func:`roundtrip`)
+is at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from carcli import metrics
+from carcli.imageio import (
+    FORMATS,
+    SCALE_KEY,
+    SOURCE_SIZE_KEY,
+    ImageReadError,
+    ImageWriteError,
+    Picture,
+    find_images,
+    format_for_suffix,
+    is_image_path,
+    picture_from_array,
+    picture_from_pil,
+    read_image,
+    to_array,
+    write_image,
+)
+from carcli.models import CARModel, lr_size, quantize
+from carcli.ops.reference import reflect_pad
+from carcli.resize import bicubic_downscale, bicubic_upscale
+
+# The resampler network works at H/8 and reflect-pads there, so it needs sides of
+# at least 9 pixels; smaller images are padded to this size first and cropped after.
+MIN_SIDE = 16
+NOTE_16BIT = (
+    "16-bit input is processed in float, but the downscaled image is 8-bit by design: "
+    "the SR network is trained on 8-bit LR images"
+)
+DEBUG_ENV = "CARCLI_DEBUG"  # set to 1 to get tracebacks for per-file failures
+
+
+class UsageError(ValueError):
+    """Arguments that make no sense together (exit code 2); the message is one line."""
+
+
+class ProcessingError(RuntimeError):
+    """One image cannot be processed; the message is one line for the user."""
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; refuse devices this machine lacks."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {spec!r} requested but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device 'mps' requested but MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def quantize_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Clamp to [0, 1] and round to the grid a file of ``bits`` per sample holds."""
+    if bits == 8:
+        return quantize(x)
+    if bits > 16:  # float data (tensors from the Python API): no grid to round to
+        return x.clamp(0.0, 1.0)
+    peak = float(2**bits - 1)
+    return torch.round(x.clamp(0.0, 1.0) * peak) / peak
+
+
+def _pad_small(x: torch.Tensor, min_side: int = MIN_SIDE) -> torch.Tensor:
+    """Reflect-pad bottom/right of sides shorter than ``min_side`` (others unchanged)."""
+    h, w = x.shape[-2:]
+    ph, pw = max(0, min_side - h), max(0, min_side - w)
+    if ph == 0 and pw == 0:
+        return x
+    p = max(ph, pw)
+    return reflect_pad(x, p)[..., p : p + h + ph, p : p + w + pw]
+
+
+def _batched(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected 3xHxW or Bx3xHxW, got {tuple(x.shape)}")
+    return x
+
+
+class Processor:
+    """A CAR model on one device, applied to RGB tensors in [0, 1] (float32, no autograd).
+
+    Tensors go in and come out on the CPU (or wherever they are); the device
+    transfer happens here, so a tiled or batched runner can wrap these methods.
+    """
+
+    def __init__(self, model: CARModel, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).float().eval()
+        self.scale: int = model.scale
+
+    def downscale(self, hr: torch.Tensor) -> torch.Tensor:
+        """HR (3xHxW or Bx3xHxW) -> LR quantised to 8 bits, ceil(H/s) x ceil(W/s)."""
+        squeeze = hr.dim() == 3
+        hr = _batched(hr)
+        h, w = hr.shape[-2:]
+        lh, lw = lr_size(h, w, self.scale)
+        with torch.inference_mode():
+            x = _pad_small(hr.to(self.device, torch.float32))
+            lr = quantize(self.model.downscale(x))[..., :lh, :lw].to(hr.device)
+        return lr[0] if squeeze else lr
+
+    def upscale(self, lr: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """LR -> HR clamped to [0, 1]: s*h x s*w, or the top-left ``size`` of it."""
+        squeeze = lr.dim() == 3
+        lr = _batched(lr)
+        with torch.inference_mode():
+            hr = self.model.upscale(lr.to(self.device, torch.float32)).clamp(0.0, 1.0)
+            if size is not None:
+                hr = hr[..., : size[0], : size[1]]
+            hr = hr.to(lr.device)
+        return hr[0] if squeeze else hr
+
+    def roundtrip(self, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(8-bit LR, reconstruction at the input's size); equal to going through PNG files."""
+        lr = self.downscale(hr)
+        return lr, self.upscale(lr, size=tuple(hr.shape[-2:]))
+
+
+def bicubic_roundtrip(hr: torch.Tensor, scale: int, bits: int = 8) -> torch.Tensor:
+    """The classical baseline: MATLAB-style bicubic down (8-bit LR) and up, at ``bits``."""
+    lr = quantize(bicubic_downscale(hr.float(), scale))
+    return quantize_bits(bicubic_upscale(lr, scale, size=tuple(hr.shape[-2:])), bits)
+
+
+def measure(pred: torch.Tensor, target: torch.Tensor, scale: int) -> tuple[float | None, float]:
+    """(Y-PSNR, Y-SSIM) with ``scale`` pixels shaved; None where the image is too small."""
+    try:
+        psnr = metrics.psnr_y(pred, target, shave=scale)
+    except ValueError:
+        psnr = None
+    try:
+        ssim = metrics.ssim_y(pred, target, shave=scale)
+    except ValueError:
+        ssim = None
+    return psnr, ssim
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _resize_alpha_down(alpha: torch.Tensor, scale: int) -> torch.Tensor:
+    """Alpha plane to the LR size with the classical filter, on the 8-bit grid like the LR."""
+    return quantize(bicubic_downscale(alpha, scale))
+
+
+def _resize_alpha_up(alpha: torch.Tensor, scale: int, size: tuple[int, int]) -> torch.Tensor:
+    return bicubic_upscale(alpha, scale, size=size).clamp(0.0, 1.0)
+
+
+def downscale_picture(processor: Processor, picture: Picture) -> Picture:
+    """The 8-bit LR picture, its text chunks recording the source size and scale."""
+    s = processor.scale
+    lr = processor.downscale(picture.rgb)
+    alpha = None if picture.alpha is None else _resize_alpha_down(picture.alpha, s)
+    text = {SOURCE_SIZE_KEY: f"{picture.width}x{picture.height}", SCALE_KEY: str(s)}
+    return Picture(rgb=lr, alpha=alpha, bits=8, grey=picture.grey, text=text)
+
+
+def restored_size(picture: Picture, scale: int) -> tuple[tuple[int, int] | None, str | None]:
+    """(H, W) recorded by ``car downscale`` if it fits this LR at ``scale``, and a warning."""
+    raw = picture.text.get(SOURCE_SIZE_KEY)
+    if raw is None:
+        return None, None
+    try:
+        width, height = (int(v) for v in raw.lower().split("x"))
+    except ValueError:
+        return None, f"ignoring unreadable {SOURCE_SIZE_KEY} {raw!r}"
+    made_at = picture.text.get(SCALE_KEY)
+    if made_at is not None and made_at != str(scale):
+        return None, f"was downscaled at {made_at}x, upscaling at {scale}x (size not restored)"
+    if lr_size(height, width, scale) != (picture.height, picture.width):
+        return (
+            None,
+            f"{SOURCE_SIZE_KEY} {raw} does not fit this {picture.width}x{picture.height} image",
+        )
+    return (height, width), None
+
+
+def upscale_picture(
+    processor: Processor,
+    picture: Picture,
+    size: tuple[int, int] | None = None,
+    bits: int | None = None,
+) -> Picture:
+    """The reconstruction (alpha resized classically) at ``bits`` (default: the input's)."""
+    s = processor.scale
+    bits = bits or picture.bits
+    out_size = size or (picture.height * s, picture.width * s)
+    rgb = quantize_bits(processor.upscale(picture.rgb, size=out_size), bits)
+    alpha = None
+    if picture.alpha is not None:
+        alpha = quantize_bits(_resize_alpha_up(picture.alpha, s, out_size), bits)
+    return Picture(rgb=rgb, alpha=alpha, bits=bits, grey=picture.grey)
+
+
+def roundtrip_picture(processor: Processor, picture: Picture) -> tuple[Picture, Picture]:
+    """(LR, reconstruction at the input's size and bit depth).
+
+    For 8-bit inputs this is exactly what ``car downscale`` to PNG followed by
+    ``car upscale`` produces; 16-bit inputs keep 16 bits in the reconstruction.
+    """
+    lr = downscale_picture(processor, picture)
+    size = (picture.height, picture.width)
+    return lr, upscale_picture(processor, lr, size=size, bits=picture.bits)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Item:
+    """One input file and the files it produces."""
+
+    src: Path
+    rel: str  # path relative to INPUT (for messages, reports and mirroring)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    error: str | None = None  # known to fail before any work (name clash, ...)
+
+
+@dataclass
+class Result:
+    """What ``Task.compute`` produced for one item."""
+
+    images: dict[str, Picture]
+    record: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    item: Item
+    status: str  # "ok", "failed" or "skipped"
+    error: str | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    pixels: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Summary:
+    action: str
+    total: int
+    ok: int
+    failed: int
+    skipped: int
+    seconds: float
+    pixels: int
+
+
+class Reporter(Protocol):
+    """Where a batch tells the user what happens (see ``carcli.console``)."""
+
+    def start(self, total: int, action: str) -> None: ...
+    def advance(self, outcome: Outcome) -> None: ...
+    def error(self, rel: str, reason: str) -> None: ...
+    def warn(self, rel: str, message: str) -> None: ...
+    def note(self, message: str) -> None: ...
+    def finish(self, summary: Summary) -> None: ...
+
+
+class Task:
+    """One command's work per file: where outputs go, what to compute, how to save it."""
+
+    action = "processed"
+    skip_done = True  # skip items whose outputs all exist (unless overwrite)
+
+    def __init__(self, processor: Processor, overwrite: bool = False) -> None:
+        self.processor = processor
+        self.overwrite = overwrite
+
+    def outputs_for(self, rel: Path) -> dict[str, Path]:
+        return {}
+
+    def load(self, item: Item) -> Picture:
+        return read_image(item.src)
+
+    def compute(self, item: Item, picture: Picture) -> Result:
+        raise NotImplementedError
+
+    def save(self, item: Item, result: Result) -> None:
+        pass
+
+
+class _WritingTask(Task):
+    """Writes one image per input to a folder mirroring INPUT (or to one named file)."""
+
+    def __init__(
+        self,
+        processor: Processor,
+        out_dir: Path | None,
+        out_file: Path | None = None,
+        fmt: str = "png",
+        quality: int = 95,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__(processor, overwrite)
+        self.out_dir, self.out_file, self.fmt, self.quality = out_dir, out_file, fmt, quality
+
+    def outputs_for(self, rel: Path) -> dict[str, Path]:
+        if self.out_file is not None:
+            return {"image": self.out_file}
+        assert self.out_dir is not None
+        return {"image": self.out_dir / rel.with_suffix(FORMATS[self.fmt][0])}
+
+    def save(self, item: Item, result: Result) -> None:
+        picture = result.images["image"]
+        write_image(
+            item.outputs["image"],
+            picture.rgb,
+            picture.alpha,
+            fmt=self.fmt,
+            bits=picture.bits,
+            text=picture.text,
+            quality=self.quality,
+        )
+
+
+class DownscaleTask(_WritingTask):
+    action = "downscaled"
+
+    def compute(self, item: Item, picture: Picture) -> Result:
+        lr = downscale_picture(self.processor, picture)
+        record = _sizes_record(item, picture, lr)
+        return Result({"image": lr}, record, notes=[NOTE_16BIT] if picture.bits == 16 else [])
+
+
+class UpscaleTask(_WritingTask):
+    action = "upscaled"
+
+    def compute(self, item: Item, picture: Picture) -> Result:
+        size, warning = restored_size(picture, self.processor.scale)
+        rec = upscale_picture(self.processor, picture, size)
+        return Result(
+            {"image": rec}, _sizes_record(item, picture, rec), warnings=[warning] * bool(warning)
+        )
+
+
+def _sizes_record(item: Item, src: Picture, out: Picture) -> dict[str, Any]:
+    return {
+        "file": item.rel,
+        "output": str(item.outputs.get("image", "")),
+        "width": src.width,
+        "height": src.height,
+        "output_width": out.width,
+        "output_height": out.height,
+    }
+
+
+# Bicubic baseline metrics per (file identity, scale): validation re-reads the same files.
+_BICUBIC_CACHE: dict[tuple[str, int, int, int], tuple[float | None, float | None]] = {}
+
+
+def _file_key(path: Path, scale: int) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size, scale)
+
+
+class RoundtripTask(Task):
+    """Downscale, quantise, upscale in memory; measure against the input and bicubic."""
+
+    action = "measured"
+    skip_done = False  # the metrics are the point: every image is measured every time
+
+    def __init__(
+        self,
+        processor: Processor,
+        out_dir: Path | None = None,
+        compare: bool = False,
+        compare_bicubic: bool = True,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__(processor, overwrite)
+        self.out_dir, self.compare, self.compare_bicubic = out_dir, compare, compare_bicubic
+        self.kept = 0  # existing output files left alone (no --overwrite)
+
+    def outputs_for(self, rel: Path) -> dict[str, Path]:
+        if self.out_dir is None:
+            return {}
+        name = rel.with_suffix(".png")
+        outputs = {"lr": self.out_dir / "lr" / name, "sr": self.out_dir / "sr" / name}
+        if self.compare:
+            outputs["compare"] = self.out_dir / "compare" / name
+        return outputs
+
+    def compute(self, item: Item, picture: Picture) -> Result:
+        s = self.processor.scale
+        lr, rec = roundtrip_picture(self.processor, picture)
+        psnr, ssim = measure(rec.rgb, picture.rgb, s)
+        record: dict[str, Any] = {
+            "file": item.rel,
+            "width": picture.width,
+            "height": picture.height,
+            "psnr": psnr,
+            "ssim": ssim,
+        }
+        images = {"lr": lr, "sr": rec}
+        if self.compare_bicubic or self.compare:
+            key = _file_key(item.src, s)
+            bicubic = None
+            if self.compare or key not in _BICUBIC_CACHE:
+                bicubic = bicubic_roundtrip(picture.rgb, s, picture.bits)
+                _BICUBIC_CACHE[key] = measure(bicubic, picture.rgb, s)
+            if self.compare_bicubic:
+                record["bicubic_psnr"], record["bicubic_ssim"] = _BICUBIC_CACHE[key]
+            if self.compare and bicubic is not None:
+                from carcli.compare import compare_panel
+
+                labels = _compare_labels(record, s)
+                panel = compare_panel(picture.rgb, bicubic, rec.rgb, labels)
+                images["compare"] = picture_from_array(panel)
+        notes = [NOTE_16BIT] if picture.bits == 16 else []
+        if psnr is None or ssim is None:
+            notes.append(
+                f"images smaller than {2 * s + 11} px on a side get no SSIM "
+                f"(and below {2 * s + 1} px no PSNR) after shaving {s} px"
+            )
+        return Result(images, record, notes=notes)
+
+    def save(self, item: Item, result: Result) -> None:
+        for role, path in item.outputs.items():
+            if path.exists() and not self.overwrite:
+                self.kept += 1  # the metrics are still fresh; only the file is left alone
+                continue
+            picture = result.images[role]
+            text = picture.text if role == "lr" else None
+            write_image(path, picture.rgb, picture.alpha, fmt="png", bits=picture.bits, text=text)
+
+
+def _compare_labels(record: dict[str, Any], scale: int) -> list[str]:
+    def fmt(psnr: float | None, ssim: float | None) -> str:
+        if psnr is None:
+            return ""
+        return f"  {psnr:.2f} dB" + (f" / {ssim:.4f}" if ssim is not None else "")
+
+    return [
+        "original",
+        f"bicubic x{scale}" + fmt(record.get("bicubic_psnr"), record.get("bicubic_ssim")),
+        f"CAR x{scale}" + fmt(record.get("psnr"), record.get("ssim")),
+    ]
+
+
+def collect_inputs(source: Path, recursive: bool = False) -> list[tuple[Path, Path]]:
+    """(file, path relative to INPUT) for a file or every image in a folder."""
+    source = Path(source)
+    if source.is_dir():
+        return [(p, p.relative_to(source)) for p in find_images(source, recursive)]
+    return [(source, Path(source.name))]
+
+
+def make_items(task: Task, inputs: Sequence[tuple[Path, Path]]) -> list[Item]:
+    """Items with their outputs; name clashes and outputs that are inputs fail up front."""
+    sources = {os.path.realpath(src) for src, _ in inputs}
+    claimed: dict[str, str] = {}
+    items = []
+    for src, rel in inputs:
+        item = Item(src=src, rel=rel.as_posix(), outputs=task.outputs_for(rel))
+        for path in item.outputs.values():
+            real = os.path.realpath(path)
+            if real in sources:
+                item.error = f"refusing to overwrite an input file ({path})"
+            elif real in claimed:
+                item.error = f"output {path} would also be written for {claimed[real]}; rename one"
+            else:
+                claimed[real] = item.rel
+        items.append(item)
+    return items
+
+
+def run_batch(task: Task, items: Sequence[Item], reporter: Reporter) -> list[Outcome]:
+    """Process every item, one error line per failure; the batch always continues."""
+    start = time.perf_counter()
+    reporter.start(len(items), task.action)
+    outcomes: list[Outcome] = []
+    try:
+        for item in items:
+            outcome = _run_one(task, item, reporter)
+            if outcome.status == "failed":
+                reporter.error(item.rel, outcome.error or "failed")
+            reporter.advance(outcome)
+            outcomes.append(outcome)
+    finally:  # also on Ctrl-C: stop the progress bar and say what was done
+        reporter.finish(summarize(task.action, outcomes, time.perf_counter() - start))
+    return outcomes
+
+
+def _run_one(task: Task, item: Item, reporter: Reporter) -> Outcome:
+    if item.error:
+        return Outcome(item, "failed", item.error)
+    if (
+        task.skip_done
+        and not task.overwrite
+        and item.outputs
+        and all(p.exists() for p in item.outputs.values())
+    ):
+        return Outcome(item, "skipped")
+    start = time.perf_counter()
+    try:
+        picture = task.load(item)
+        result = task.compute(item, picture)
+        for message in result.notes:
+            reporter.note(message)
+        for message in result.warnings:
+            reporter.warn(item.rel, message)
+        task.save(item, result)
+    except (ImageReadError, ImageWriteError, ProcessingError) as exc:
+        return Outcome(item, "failed", str(exc))
+    except torch.OutOfMemoryError:
+        return Outcome(item, "failed", "out of memory (try --device cpu, or a smaller image)")
+    except Exception as exc:  # one bad file must not stop a batch of thousands
+        if os.environ.get(DEBUG_ENV):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return Outcome(item, "failed", f"{type(exc).__name__}: {first}".rstrip(": "))
+    pixels = picture.width * picture.height
+    return Outcome(
+        item, "ok", record=result.record, pixels=pixels, seconds=time.perf_counter() - start
+    )
+
+
+def summarize(action: str, outcomes: Sequence[Outcome], seconds: float) -> Summary:
+    count = lambda status: sum(o.status == status for o in outcomes)  # noqa: E731
+    return Summary(
+        action=action,
+        total=len(outcomes),
+        ok=count("ok"),
+        failed=count("failed"),
+        skipped=count("skipped"),
+        seconds=seconds,
+        pixels=sum(o.pixels for o in outcomes),
+    )
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return math.fsum(present) / len(present) if present else None
+
+
+def roundtrip_report(
+    outcomes: Sequence[Outcome], scale: int, compare_bicubic: bool = True
+) -> dict[str, Any]:
+    """The ``--json`` report: means and per-image numbers of the successful images."""
+    records = [o.record for o in outcomes if o.status == "ok"]
+    keys = ["file", "psnr", "ssim"] + (["bicubic_psnr", "bicubic_ssim"] if compare_bicubic else [])
+    report: dict[str, Any] = {
+        "scale": scale,
+        "count": len(records),
+        "psnr": _mean([r["psnr"] for r in records]),
+        "ssim": _mean([r["ssim"] for r in records]),
+    }
+    if compare_bicubic:
+        report["baselines"] = {
+            "bicubic": {
+                "psnr": _mean([r["bicubic_psnr"] for r in records]),
+                "ssim": _mean([r["bicubic_ssim"] for r in records]),
+            }
+        }
+    report["images"] = [{k: r[k] for k in keys} for r in records]
+    return report
+
+
+def evaluate_folder(
+    model: CARModel,
+    folder: Path,
+    recursive: bool = False,
+    device: torch.device | str = "cpu",
+    compare_bicubic: bool = True,
+    progress: bool = False,
+) -> dict:
+    """``car roundtrip FOLDER --json`` without writing files; the report dict it would write.
+
+    Same padding, quantisation, metrics and bicubic baseline as the command.
+    The bicubic numbers are cached per (file, scale), so repeated validation
+    only pays for the model. The model is returned to its device and mode.
+    """
+    from carcli.console import ConsoleReporter
+
+    param = next(model.parameters(), None)
+    home = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        task = RoundtripTask(Processor(model, device), compare_bicubic=compare_bicubic)
+        items = make_items(task, collect_inputs(Path(folder), recursive))
+        outcomes = run_batch(task, items, ConsoleReporter(quiet=not progress))
+    finally:
+        model.to(home).train(was_training)
+    return roundtrip_report(outcomes, model.scale, compare_bicubic)
+
+
+# --------------------------------------------------------------------------- one-call API
+
+ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_processor(weights: str | None, scale: int, device: str) -> Processor:
+    from carcli.checkpoints import load_model
+
+    dev = resolve_device(device)
+    model, _ = load_model(Path(weights) if weights else None, scale, dev)
+    return Processor(model, dev)
+
+
+def _processor(weights: Path | str | CARModel | None, scale: int, device: str) -> Processor:
+    if isinstance(weights, CARModel):
+        if weights.scale != scale:
+            raise ValueError(f"the model is for {weights.scale}x, not {scale}x")
+        return Processor(weights, resolve_device(device))
+    return _cached_processor(str(weights) if weights else None, scale, str(device))
+
+
+def _picture_of(image: ImageLike) -> tuple[Picture, Callable[[Picture], ImageLike]]:
+    """A Picture from the user's object and a function turning results back into that kind."""
+    if isinstance(image, Image.Image):
+        picture = picture_from_pil(image)
+        picture.text.update({k: str(v) for k, v in image.info.items() if k.startswith("carcli:")})
+
+        def back(p: Picture) -> Image.Image:
+            array = to_array(p.rgb, p.alpha, 8)
+            out = Image.fromarray(array, "RGBA" if array.shape[2] == 4 else "RGB")
+            out.info.update(p.text)
+            return out
+
+        return picture, back
+    if isinstance(image, np.ndarray):
+        picture = picture_from_array(image)
+        dtype = image.dtype
+
+        def back(p: Picture) -> np.ndarray:
+            bits = 16 if dtype == np.uint16 and p.bits == 16 else 8
+            if np.issubdtype(dtype, np.floating):
+                planes = p.rgb if p.alpha is None else torch.cat([p.rgb, p.alpha])
+                return planes.permute(1, 2, 0).numpy().astype(np.float32)
+            return to_array(p.rgb, p.alpha, bits)
+
+        return picture, back
+    if isinstance(image, torch.Tensor):
+        if not image.is_floating_point() or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError("tensors must be float 3xHxW in [0, 1]")
+        picture = Picture(rgb=image.detach().float().clamp(0, 1).cpu(), bits=32)
+        device = image.device
+        return picture, lambda p: p.rgb.to(device)
+    raise TypeError(f"expected a PIL image, a numpy array or a tensor, got {type(image).__name__}")
+
+
+def downscale(
+    image: ImageLike,
+    scale: int = 4,
+    weights: Path | str | CARModel | None = None,
+    device: str = "auto",
+) -> ImageLike:
+    """CAR-downscale a PIL image, HxWx3 uint8/uint16 array or 3xHxW float tensor.
+
+    Returns the same kind, ceil(H/s) x ceil(W/s), on the 8-bit grid (arrays
+    come back as uint8: the LR image is 8-bit by design). Store it losslessly.
+    """
+    picture, back = _picture_of(image)
+    return back(downscale_picture(_processor(weights, scale, device), picture))
+
+
+def upscale(
+    image: ImageLike,
+    scale: int = 4,
+    weights: Path | str | CARModel | None = None,
+    device: str = "auto",
+    size: tuple[int, int] | None = None,
+) -> ImageLike:
+    """Reconstruct from a CAR-downscaled image; ``size`` = (H, W) crops to the original size.
+
+    A PIL image returned by :func:`downscale` remembers its source size itself.
+    """
+    picture, back = _picture_of(image)
+    if size is None:
+        size = restored_size(picture, scale)[0]
+    return back(upscale_picture(_processor(weights, scale, device), picture, size))
+
+
+def roundtrip(
+    image: ImageLike,
+    scale: int = 4,
+    weights: Path | str | CARModel | None = None,
+    device: str = "auto",
+) -> ImageLike:
+    """Downscale, quantise to 8 bits and upscale in memory; same size and kind as the input."""
+    picture, back = _picture_of(image)
+    return back(roundtrip_picture(_processor(weights, scale, device), picture)[1])
+
+
+def check_paths(source: Path, output: Path | None, recursive: bool) -> None:
+    """Refuse OUTPUT equal to INPUT, and OUTPUT inside INPUT when outputs would be re-read."""
+    if output is None:
+        return
+    src, out = Path(os.path.realpath(source)), Path(os.path.realpath(output))
+    if src == out:
+        raise UsageError(
+            "OUTPUT is the same as INPUT; choose another OUTPUT (inputs are never overwritten)"
+        )
+    if source.is_dir():
+        if output.exists() and not output.is_dir():
+            raise UsageError(
+                f"INPUT is a folder, so OUTPUT must be a folder, but {output} is a file"
+            )
+        if recursive and src in out.parents:
+            raise UsageError(
+                "OUTPUT is inside INPUT and --recursive would read the outputs as inputs; "
+                "choose an OUTPUT outside INPUT"
+            )
+
+
+def output_target(
+    source: Path, output: Path, fmt: str | None
+) -> tuple[Path | None, Path | None, str]:
+    """(folder, file, format) for OUTPUT: a file only if INPUT is one and OUTPUT looks like one."""
+    if source.is_file() and not output.is_dir() and is_image_path(Path(output.name)):
+        try:
+            implied = format_for_suffix(output.suffix)
+        except ImageWriteError as exc:
+            raise UsageError(str(exc)) from None
+        if fmt is not None and fmt != implied:
+            raise UsageError(f"--format {fmt} contradicts OUTPUT's suffix {output.suffix}")
+        return None, output, implied
+    return output, None, fmt or "png"
