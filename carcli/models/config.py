@@ -63,8 +63,9 @@ class CARConfig:
 # name -> (resampler, sr). "paper" is the authors' configuration (their checkpoints load into it).
 PRESETS: dict[str, tuple[ResamplerConfig, SRConfig]] = {
     "paper": (ResamplerConfig(), SRConfig()),
+    # What carcli ships: a light resampler and an EDSR-baseline-sized SR network.
     "compact": (
-        ResamplerConfig(c1=32, c2=64, c4=64, blocks=3, c8=128, trunk_convs=2),
+        ResamplerConfig(c1=16, c2=32, c4=64, blocks=2, c8=64, trunk_convs=2),
         SRConfig(features=64, blocks=16, res_scale=1.0),
     ),
     "tiny": (

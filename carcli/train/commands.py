@@ -1,0 +1,165 @@
+"""`car train` and `car export`: thin wrappers over :class:`carcli.train.trainer.Trainer`."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, Trainer
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """'2h30m', '45m', '90s', '1.5h' or plain seconds -> seconds."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    m = _DURATION.match(text)
+    if not text or not m or not any(m.groups()):
+        raise typer.BadParameter(f"cannot read duration {text!r} (use e.g. 2h30m, 45m, 90s)")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_evaluator(folders: list[Path], device: torch.device):  # noqa: ANN201
+    """Validation through the same code path as `car roundtrip` (no files written)."""
+
+    def evaluate(model) -> dict:  # noqa: ANN001
+        from carcli.pipeline import evaluate_folder
+
+        out = {}
+        for folder in folders:
+            report = evaluate_folder(model, folder, device=device, compare_bicubic=False)
+            out[folder.name] = {"psnr": report["psnr"], "ssim": report["ssim"]}
+        return out
+
+    return evaluate
+
+
+def train(
+    data: Annotated[list[Path], typer.Option("--data", help="Training image folder (repeatable).")],
+    val: Annotated[list[Path], typer.Option("--val", help="Validation folder (repeatable).")],
+    run: Annotated[Path, typer.Option("--run", help="Run folder: state, log, best checkpoint.")],
+    scale: Annotated[int, typer.Option("--scale", "-s", help="2 or 4.")] = 4,
+    config: Annotated[str, typer.Option(help="Network preset: compact, paper, tiny.")] = "compact",
+    steps: Annotated[int | None, typer.Option(help="Total steps (cosine schedule length).")] = None,
+    time_budget: Annotated[
+        str | None, typer.Option("--time-budget", help="Total training time, e.g. 2h30m.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN/state.pt.")] = False,
+    init: Annotated[
+        Path | None, typer.Option(help="Start from an inference checkpoint (.safetensors).")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Patches per step.")] = 16,
+    patch: Annotated[int, typer.Option(help="HR patch side (multiple of 8).")] = 96,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (Adam).")] = 5e-4,
+    min_lr: Annotated[float, typer.Option(help="Final learning rate of the cosine.")] = 1e-6,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 200,
+    offset_weight: Annotated[float, typer.Option(help="Offset regulariser weight.")] = 0.001,
+    tv_weight: Annotated[float, typer.Option(help="TV regulariser weight.")] = 0.005,
+    quant_grad: Annotated[str, typer.Option(help="Rounding gradient: ste or soft.")] = "ste",
+    soft_alpha: Annotated[float, typer.Option(help="Soft-round alpha (with soft).")] = 0.5,
+    ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
+    bicubic_init: Annotated[bool, typer.Option(help="Start the resampler as bicubic.")] = True,
+    precision: Annotated[str, typer.Option(help="bf16 (autocast) or fp32.")] = "bf16",
+    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.")] = True,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
+    val_every: Annotated[int, typer.Option(help="Validate every N steps (0: never).")] = 1000,
+    log_every: Annotated[int, typer.Option(help="Log a JSON line every N steps.")] = 50,
+    checkpoint_minutes: Annotated[float, typer.Option(help="Save state every N minutes.")] = 5.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Train a CAR pair (resampler + EDSR) jointly; resumable, validated, exportable."""
+    if patch % 8:
+        raise typer.BadParameter("--patch must be a multiple of 8")
+    if scale not in (2, 4):
+        raise typer.BadParameter("--scale must be 2 or 4")
+    budget = parse_duration(time_budget) if time_budget else None
+    dev = pick_device(device)
+    state = run / STATE_NAME
+    if resume:
+        if not state.exists():
+            typer.echo(f"error: {state}: nothing to resume", err=True)
+            raise typer.Exit(2)
+        saved = torch.load(state, map_location="cpu", weights_only=True)["config"]
+        cfg = TrainConfig(**saved)
+        # Only the stopping rule and a few run-time settings may change on resume.
+        cfg.steps = steps if steps is not None else cfg.steps
+        cfg.time_budget = budget if budget is not None else cfg.time_budget
+        cfg.threads = threads if threads is not None else cfg.threads
+        cfg.val_every, cfg.log_every = val_every, log_every
+        cfg.checkpoint_minutes = checkpoint_minutes
+    else:
+        if state.exists():
+            typer.echo(f"error: {state} exists: pass --resume, or choose another --run", err=True)
+            raise typer.Exit(2)
+        cfg = TrainConfig(
+            scale=scale, data=[str(d) for d in data], val=[str(v) for v in val], config=config,
+            steps=steps, time_budget=budget, batch=batch, patch=patch, lr=lr, min_lr=min_lr,
+            warmup=warmup, offset_weight=offset_weight, tv_weight=tv_weight,
+            quant_grad=quant_grad, soft_alpha=soft_alpha, ema=ema, bicubic_init=bicubic_init,
+            init=str(init) if init else None, precision=precision, channels_last=channels_last,
+            threads=threads, val_every=val_every, log_every=log_every,
+            checkpoint_minutes=checkpoint_minutes, seed=seed,
+        )  # fmt: skip
+    if cfg.steps is None and cfg.time_budget is None:
+        raise typer.BadParameter("give --steps or --time-budget")
+    evaluator = make_evaluator([Path(v) for v in cfg.val], dev) if cfg.val else None
+    trainer = Trainer(cfg, run, dev, evaluate=evaluator, quiet=quiet)
+    if resume:
+        trainer.load_state()
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        trainer.save_state()
+        print(f"interrupted: state saved at step {trainer.step}", file=sys.stderr)
+        raise typer.Exit(130) from None
+
+
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `car train`.")],
+    output: Annotated[Path, typer.Argument(help="Output .safetensors file.")],
+    which: Annotated[
+        str, typer.Option(help="best: best validated weights; last: latest (EMA) weights.")
+    ] = "best",
+) -> None:
+    """Write an inference checkpoint (safetensors + metadata) from a training run."""
+    from carcli.checkpoints import WeightsError, load_checkpoint, save_checkpoint
+
+    if which == "best":
+        src = run / BEST_NAME
+        if not src.exists():
+            typer.echo(f"error: {src}: no validated checkpoint yet (try --which last)", err=True)
+            raise typer.Exit(1)
+        try:
+            model, metadata = load_checkpoint(src)
+        except WeightsError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        save_checkpoint(model, output, {k: v for k, v in metadata.items() if k not in ("format",)})
+    elif which == "last":
+        state = torch.load(run / STATE_NAME, map_location="cpu", weights_only=True)
+        cfg = TrainConfig(**state["config"])
+        trainer = Trainer(cfg, run, torch.device("cpu"), quiet=True)
+        trainer.load_state()
+        trainer.export(output, trainer.history[-1] if trainer.history else None)
+    else:
+        raise typer.BadParameter("--which must be best or last")
+    typer.echo(json.dumps({"written": str(output)}))

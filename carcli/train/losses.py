@@ -1,0 +1,60 @@
+"""Quantisation with a usable gradient, and the CAR regularisers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class _Quantize(torch.autograd.Function):
+    """Round to the 8-bit grid forward; soft-round (or straight-through) gradient backward."""
+
+    @staticmethod
+    def forward(ctx, lr: torch.Tensor, alpha: float) -> torch.Tensor:  # noqa: ANN001
+        z = lr.clamp(0.0, 1.0) * 255.0
+        ctx.save_for_backward(z)
+        ctx.alpha = alpha
+        return torch.round(z) / 255.0
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (z,) = ctx.saved_tensors
+        if ctx.alpha == 0.0:
+            return grad, None
+        return grad * (1.0 - ctx.alpha * torch.cos(2.0 * math.pi * z)), None
+
+
+def quantize_for_training(lr: torch.Tensor, gradient: str = "ste", alpha: float = 0.5) -> torch.Tensor:
+    """Real 8-bit rounding of ``lr``; ``gradient`` is "ste" or "soft" (soft-round, weight alpha).
+
+    The clamp to [0, 1] passes gradients straight through, so a resampler that
+    overshoots is still pulled back by the reconstruction loss.
+    """
+    if gradient not in ("ste", "soft"):
+        raise ValueError(f"quantisation gradient must be 'ste' or 'soft', got {gradient!r}")
+    return _Quantize.apply(lr, alpha if gradient == "soft" else 0.0)
+
+
+def tap_distance_weights(k: int, device: torch.device | None = None) -> torch.Tensor:
+    """Distance of each tap from the kernel centre divided by k, as k*k x 1 x 1."""
+    r = torch.arange(k, device=device, dtype=torch.float32) - k // 2
+    d = torch.sqrt(r.view(k, 1) ** 2 + r.view(1, k) ** 2) / k
+    return d.reshape(k * k, 1, 1)
+
+
+def offset_loss(offsets_h: torch.Tensor, offsets_v: torch.Tensor) -> torch.Tensor:
+    """Distance-weighted offset magnitudes, summed over taps and pixels, per batch*h*w."""
+    b, taps, h, w = offsets_h.shape
+    k = math.isqrt(taps)
+    weights = tap_distance_weights(k, offsets_h.device)
+    mag = torch.sqrt(offsets_h.float() ** 2 + offsets_v.float() ** 2 + 1e-12)
+    return (mag * weights).sum() / (b * h * w)
+
+
+def tv_loss(kernels: torch.Tensor, offsets_h: torch.Tensor, offsets_v: torch.Tensor) -> torch.Tensor:
+    """Kernel-weighted partial total variation of the offsets, per batch item."""
+    kernels, offsets_h, offsets_v = kernels.float(), offsets_h.float(), offsets_v.float()
+    dy_h = (offsets_v[..., :, 1:] - offsets_v[..., :, :-1]).abs() * kernels[..., :, :-1]
+    dx_v = (offsets_h[..., 1:, :] - offsets_h[..., :-1, :]).abs() * kernels[..., :-1, :]
+    return (dy_h.sum() + dx_v.sum()) / kernels.shape[0]

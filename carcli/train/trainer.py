@@ -1,0 +1,308 @@
+"""The training loop: joint resampler + SR optimisation, EMA, validation, resumable state."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from carcli.models import CARModel, preset
+from carcli.ops import resample
+from carcli.train.data import PatchSampler
+from carcli.train.losses import offset_loss, quantize_for_training, tv_loss
+
+STATE_NAME = "state.pt"
+BEST_NAME = "best.safetensors"
+LOG_NAME = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    scale: int
+    data: list[str]
+    val: list[str]
+    config: str = "compact"
+    steps: int | None = None  # total optimisation steps (cosine schedule length)
+    time_budget: float | None = None  # seconds for this invocation
+    batch: int = 16
+    patch: int = 96  # HR crop side
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup: int = 200
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    offset_weight: float = 0.001
+    tv_weight: float = 0.005
+    quant_grad: str = "ste"  # "ste" or "soft"
+    soft_alpha: float = 0.5
+    ema: float = 0.999  # 0 disables
+    bicubic_init: bool = True
+    init: str | None = None  # start from an inference checkpoint
+    precision: str = "bf16"  # bf16 autocast for the networks, or fp32
+    channels_last: bool = True
+    threads: int | None = None
+    val_every: int = 1000
+    log_every: int = 50
+    checkpoint_minutes: float = 5.0
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up then cosine decay over ``progress`` in [0, 1]."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(max(progress, 0.0), 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _autocast(precision: str, device: torch.device):  # noqa: ANN202
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def training_losses(
+    model: CARModel, hr: torch.Tensor, cfg: TrainConfig, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One forward pass of the CAR pair on a batch of HR patches (sides multiples of 8)."""
+    with _autocast(cfg.precision, device):
+        kernels, offsets_h, offsets_v = model.resampler(hr)
+    kernels, offsets_h, offsets_v = kernels.float(), offsets_h.float(), offsets_v.float()
+    lr = resample(hr, kernels, offsets_h, offsets_v, model.scale)
+    lr_q = quantize_for_training(lr, cfg.quant_grad, cfg.soft_alpha)
+    if cfg.channels_last:
+        lr_q = lr_q.contiguous(memory_format=torch.channels_last)
+    with _autocast(cfg.precision, device):
+        sr = model.sr(lr_q)
+    l1 = F.l1_loss(sr.float(), hr)
+    losses = {"l1": l1}
+    total = l1
+    if cfg.offset_weight > 0:
+        losses["offset"] = offset_loss(offsets_h, offsets_v)
+        total = total + cfg.offset_weight * losses["offset"]
+    if cfg.tv_weight > 0:
+        losses["tv"] = tv_loss(kernels, offsets_h, offsets_v)
+        total = total + cfg.tv_weight * losses["tv"]
+    losses["total"] = total
+    return losses
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        device: torch.device,
+        evaluate: Callable[[CARModel], dict] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = device
+        self.evaluate = evaluate
+        self.quiet = quiet
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        if cfg.init:
+            from carcli.checkpoints import load_model
+
+            self.model, _ = load_model(Path(cfg.init), cfg.scale, device="cpu")
+            if self.model.config.name != cfg.config and cfg.config != "from-init":
+                self._say(f"note: --init checkpoint uses config {self.model.config.name!r}")
+        else:
+            self.model = CARModel(preset(cfg.config, cfg.scale))
+            if cfg.bicubic_init:
+                self.model.resampler.init_as_bicubic()
+        self.model.to(device).train()
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).eval() if cfg.ema > 0 else None
+        if self.ema is not None:
+            for p in self.ema.parameters():
+                p.requires_grad_(False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(
+            params, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
+        self.sampler = PatchSampler([Path(d) for d in cfg.data], cfg.patch, seed=cfg.seed, quiet=quiet)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds over all invocations
+        self.best_psnr = -math.inf
+        self.history: list[dict] = []
+
+    # ---- persistence -------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "best_psnr": self.best_psnr,
+            "history": self.history,
+            "sampler": self.sampler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def save_state(self) -> None:
+        path = self.run_dir / STATE_NAME
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    def load_state(self) -> None:
+        state = torch.load(self.run_dir / STATE_NAME, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.elapsed = state["elapsed"]
+        self.best_psnr = state["best_psnr"]
+        self.history = state["history"]
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"])
+
+    # ---- logging -----------------------------------------------------
+    def _say(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _log(self, record: dict) -> None:
+        with open(self.run_dir / LOG_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- training ----------------------------------------------------
+    def progress(self) -> float:
+        """Schedule position: by steps, else by training time (both count across resumes)."""
+        if self.cfg.steps:
+            return self.step / self.cfg.steps
+        if self.cfg.time_budget:
+            return self.elapsed / self.cfg.time_budget
+        return 0.0
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        hr = self.sampler.batch(cfg.batch).to(self.device)
+        if cfg.channels_last:
+            hr = hr.contiguous(memory_format=torch.channels_last)
+        lr = lr_at(cfg, self.step, self.progress())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses = training_losses(self.model, hr, cfg, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            decay = min(cfg.ema, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                    e.lerp_(p, 1 - decay)
+        self.step += 1
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["lr"] = lr
+        return out
+
+    def eval_model(self) -> CARModel:
+        return self.ema if self.ema is not None else self.model
+
+    def validate(self) -> dict | None:
+        if self.evaluate is None:
+            return None
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        report = self.evaluate(model)
+        model.train(was_training)
+        mean_psnr = float(np.mean([r["psnr"] for r in report.values()]))
+        record = {"event": "val", "step": self.step, "elapsed": round(self.elapsed, 1)}
+        record.update({f"{name}_psnr": round(r["psnr"], 4) for name, r in report.items()})
+        record.update({f"{name}_ssim": round(r["ssim"], 5) for name, r in report.items()})
+        record["mean_psnr"] = round(mean_psnr, 4)
+        self.history.append(record)
+        self._log(record)
+        if mean_psnr > self.best_psnr:
+            self.best_psnr = mean_psnr
+            record["best"] = True
+            self.export(self.run_dir / BEST_NAME, report)
+        self._say(
+            f"step {self.step}: "
+            + ", ".join(f"{n} {r['psnr']:.3f} dB / {r['ssim']:.4f}" for n, r in report.items())
+            + (" (best)" if record.get("best") else "")
+        )
+        return record
+
+    def export(self, path: Path, report: dict | None = None) -> None:
+        """Inference checkpoint (EMA weights if any) with the recipe and metrics."""
+        from carcli.checkpoints import save_checkpoint
+
+        model = copy.deepcopy(self.eval_model()).to("cpu").to(memory_format=torch.contiguous_format)
+        metadata = {
+            "recipe": self.cfg.to_dict(),
+            "training_data": self.cfg.data,
+            "steps": self.step,
+            "train_seconds": round(self.elapsed, 1),
+            "parameters": model.parameter_counts(),
+            "validation": report or {},
+        }
+        save_checkpoint(model, path, metadata)
+
+    def run(self) -> None:
+        cfg = self.cfg
+        if cfg.steps is None and cfg.time_budget is None:
+            raise ValueError("give --steps or --time-budget")
+        start = time.monotonic()
+        last_save = start
+        window: list[float] = []
+        window_t = time.monotonic()
+        self._say(
+            f"training {cfg.config} {cfg.scale}x from step {self.step}: "
+            f"{len(self.sampler.images)} images ({self.sampler.pixels / 1e6:.1f} MP), "
+            f"batch {cfg.batch} x {cfg.patch}px, {cfg.precision}"
+        )
+        while True:
+            if cfg.steps is not None and self.step >= cfg.steps:
+                break
+            if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
+                break
+            t0 = time.monotonic()
+            losses = self.train_step()
+            self.elapsed += time.monotonic() - t0
+            window.append(losses["l1"])
+            if self.step % cfg.log_every == 0:
+                now = time.monotonic()
+                rate = cfg.log_every * cfg.batch / max(now - window_t, 1e-9)
+                record = {"event": "train", "step": self.step, "elapsed": round(self.elapsed, 1)}
+                record.update({k: round(v, 6) for k, v in losses.items()})
+                record["l1_avg"] = round(float(np.mean(window)), 6)
+                record["patches_per_s"] = round(rate, 2)
+                self._log(record)
+                window, window_t = [], now
+            if cfg.val_every and self.step % cfg.val_every == 0:
+                self.validate()
+            if time.monotonic() - last_save >= cfg.checkpoint_minutes * 60:
+                self.save_state()
+                last_save = time.monotonic()
+        self.save_state()
+        self._say(f"stopped at step {self.step} ({self.elapsed / 60:.1f} min of training)")
