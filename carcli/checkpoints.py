@@ -1,0 +1,445 @@
+"""Finding, saving and loading CAR weights.
+
+Two formats are understood:
+
+* carcli's own: one ``.safetensors`` file per scale holding both networks
+  (``resampler.*`` and ``sr.*``) plus JSON metadata (config, recipe, metrics),
+  so a file is self-describing and loading it never unpickles anything;
+* the authors' release: a folder with ``kgn.pth`` (resampler) and ``usn.pth``
+  (EDSR), DataParallel state_dicts for the paper configuration, optionally
+  split into ``2x/`` and ``4x/`` subfolders.
+
+Every failure a user can cause raises :class:`WeightsError` with a one-line
+message, so the CLI can print it instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from carcli.models.car import CARModel
+from carcli.models.config import CARConfig, preset
+
+FORMAT = "carcli-car/1"
+ENV_VAR = "CARCLI_WEIGHTS"
+SCALES = (2, 4)
+OFFICIAL_FILES = ("kgn.pth", "usn.pth")
+# Metadata keys save_checkpoint writes itself; user metadata may repeat them only unchanged.
+RESERVED_KEYS = ("format", "config", "scale")
+# The resampler's kernel head: its output channels are k*k with k = 3s + 1.
+KERNEL_HEAD = "kernels_weight.4.weight"
+TAPS_TO_SCALE = {(3 * s + 1) ** 2: s for s in SCALES}
+# How many key names an error message lists before summarising with a count.
+SHOW = 5
+
+
+class WeightsError(Exception):
+    """Weights that cannot be used; the message is one line meant for the user."""
+
+
+class NoWeightsInstalled(WeightsError):
+    """No shipped weights for the requested scale (the user must pass --weights)."""
+
+
+def shipped_name(scale: int) -> str:
+    """File name of carcli's own weights for ``scale`` inside the weights folder."""
+    return f"car_x{scale}.safetensors"
+
+
+def weights_dir() -> Path:
+    """Where shipped weights live: ``$CARCLI_WEIGHTS``, else the repository's ``weights/``."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    # This file sits in carcli/, so this equals Path(carcli.__file__).parent.parent.
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _names(keys: Iterable[str], noun: str) -> str:
+    """Count and first few names: readable even when hundreds of keys differ."""
+    keys = list(keys)
+    plural = (
+        noun if len(keys) == 1 else noun.replace("key", "keys").replace("mismatch", "mismatches")
+    )
+    shown = ", ".join(keys[:SHOW])
+    more = f", ... {len(keys) - SHOW} more" if len(keys) > SHOW else ""
+    return f"{len(keys)} {plural} ({shown}{more})"
+
+
+def _shape(shape: Iterable[int]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _check_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise one readable WeightsError for missing/unexpected keys and shape mismatches.
+
+    ``load_state_dict`` would raise too, but with a multi-line RuntimeError that
+    lists every key; users need the gist and the first offenders.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {_shape(state[k].shape)}, model {_shape(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(_names(missing, "missing key"))
+    if unexpected:
+        problems.append(_names(unexpected, "unexpected key"))
+    if mismatched:
+        problems.append(_names(mismatched, "shape mismatch"))
+    if problems:
+        raise WeightsError(f"{what} does not match carcli's network: " + "; ".join(problems))
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    _check_state(module, state, what)
+    module.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+
+
+def _json_default(value: Any) -> Any:
+    """Encode the usual non-JSON values a training script puts in metadata."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if callable(getattr(value, "tolist", None)):  # tensors, numpy arrays and scalars
+        return value.tolist()
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON serialisable")
+
+
+def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
+    """JSON-decode every value; ``format`` and values from foreign writers stay strings."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "format":
+            out[key] = value
+            continue
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- carcli format
+
+
+def save_checkpoint(model: CARModel, path: Path, metadata: dict | None = None) -> None:
+    """Write both networks and their config to one safetensors file, atomically.
+
+    Atomic (temp file + ``os.replace``) so an interrupted save never leaves a
+    truncated file where ``car`` would look for weights.
+    """
+    path = Path(path)
+    config = model.config.to_dict()
+    header = {"format": FORMAT, "config": json.dumps(config), "scale": str(model.config.scale)}
+    ours = {"format": FORMAT, "config": config, "scale": model.config.scale}
+    for key, value in (metadata or {}).items():
+        key = str(key)
+        if key in RESERVED_KEYS:
+            if json.loads(json.dumps(value, default=_json_default)) != ours[key]:
+                raise ValueError(f"metadata[{key!r}] conflicts with the model's own {key}")
+            continue
+        header[key] = json.dumps(value, default=_json_default)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, net in (("resampler", model.resampler), ("sr", model.sr)):
+        for key, tensor in net.state_dict().items():
+            tensors[f"{prefix}.{key}"] = tensor.detach().to("cpu", torch.float32).contiguous()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Validated carcli metadata and (if asked) all tensors of a safetensors file."""
+    if not path.exists():
+        raise WeightsError(f"weights file {path} does not exist")
+    if not path.is_file():
+        raise WeightsError(f"{path} is not a file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = handle.metadata() or {}
+            names = handle.keys() if tensors else []  # safe_open is not iterable
+            data = {k: handle.get_tensor(k) for k in names}
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise WeightsError(f"{path} is not a safetensors file ({_first_line(exc)})") from exc
+    meta = _decode_metadata(raw)
+    fmt = meta.get("format")
+    if fmt is None:
+        raise WeightsError(f"{path} is a safetensors file without carcli metadata (no format)")
+    if fmt != FORMAT:
+        raise WeightsError(f"{path} has format {fmt!r}; this carcli reads {FORMAT!r}")
+    return meta, data
+
+
+def _config_from(meta: Mapping[str, Any], path: Path) -> CARConfig:
+    data = meta.get("config")
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} has no readable model config in its metadata")
+    try:
+        config = CARConfig.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path} has an invalid model config ({_first_line(exc)})") from exc
+    scale = meta.get("scale")
+    if scale is not None and scale != config.scale:
+        raise WeightsError(f"{path} says scale {scale} but its config is for {config.scale}x")
+    return config
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Decoded metadata of a carcli checkpoint, without reading its tensors."""
+    return _read(Path(path), tensors=False)[0]
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[CARModel, dict]:
+    """Rebuild the model a carcli safetensors file describes; returns (model in eval, metadata)."""
+    path = Path(path)
+    meta, tensors = _read(path, tensors=True)
+    config = _config_from(meta, path)
+    states: dict[str, dict[str, torch.Tensor]] = {"resampler": {}, "sr": {}}
+    stray = []
+    for key, tensor in tensors.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in states and rest:
+            states[prefix][rest] = tensor
+        else:
+            stray.append(key)
+    if stray:
+        raise WeightsError(
+            f"{path} has keys outside resampler./sr.: {_names(stray, 'unexpected key')}"
+        )
+    model = CARModel(config)
+    _load_strict(model.resampler, states["resampler"], f"{path} (resampler)")
+    _load_strict(model.sr, states["sr"], f"{path} (SR network)")
+    return model.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------- authors' format
+
+
+def _unpickling_message(path: Path, exc: Exception) -> str:
+    """One line out of torch's multi-paragraph weights_only error (which advises unsafe loading)."""
+    text = str(exc)
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if match:
+        return (
+            f"{path} holds a pickled {match.group(1)} object, not a plain state_dict; refused "
+            f"(carcli loads tensors only and never runs code from a weights file)"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = detail.group(1).strip() if detail else _first_line(exc)
+    return f"cannot read {path} as a PyTorch state_dict ({reason})"
+
+
+def _torch_load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A plain tensor state_dict from a ``.pth`` file, ``module.`` prefixes stripped."""
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(_unpickling_message(path, exc)) from exc
+    except EOFError as exc:
+        raise WeightsError(f"cannot read {path}: the file is empty or truncated") from exc
+    except Exception as exc:
+        raise WeightsError(f"cannot read {path} as a PyTorch file ({_first_line(exc)})") from exc
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise WeightsError(
+                f"{path} is not a plain state_dict (entry {key!r} holds "
+                f"{type(value).__name__}, not a tensor)"
+            )
+        state[key.removeprefix("module.")] = value
+    return state
+
+
+def _resampler_scale(state: Mapping[str, torch.Tensor], path: Path) -> int:
+    head = state.get(KERNEL_HEAD)
+    if head is None:
+        raise WeightsError(f"{path} has no {KERNEL_HEAD}; it is not a CAR resampler (kgn) file")
+    taps = int(head.shape[0])
+    if taps not in TAPS_TO_SCALE:
+        known = ", ".join(f"{t} -> {s}x" for t, s in TAPS_TO_SCALE.items())
+        raise WeightsError(f"{path}: kernel head has {taps} outputs; expected one of {known}")
+    return TAPS_TO_SCALE[taps]
+
+
+def _sr_scale(state: Mapping[str, torch.Tensor]) -> int | None:
+    """EDSR's scale from its upsampler: one conv + shuffle-2 per factor 2 (None if unclear)."""
+    stages = [k for k in state if re.fullmatch(r"tail\.0\.\d+\.weight", k)]
+    return 2 ** len(stages) if stages else None
+
+
+def _official_folder(folder: Path, scale: int | None) -> Path:
+    """The folder holding kgn.pth/usn.pth: ``folder`` itself or its ``{scale}x/``."""
+    if any((folder / name).exists() for name in OFFICIAL_FILES):
+        return folder
+    subs = [s for s in SCALES if (folder / f"{s}x").is_dir()]
+    if not subs:
+        raise WeightsError(
+            f"{folder} holds neither kgn.pth/usn.pth nor 2x/ or 4x/ subfolders with them"
+        )
+    if scale is None:
+        if len(subs) > 1:
+            raise WeightsError(f"{folder} has weights for {subs[0]}x and {subs[1]}x; pick a scale")
+        return folder / f"{subs[0]}x"
+    if scale not in subs:
+        have = " and ".join(f"{s}x/" for s in subs)
+        raise WeightsError(f"{folder} has no {scale}x/ subfolder (it has {have})")
+    return folder / f"{scale}x"
+
+
+def load_official(
+    folder: Path, scale: int | None = None, device: str | torch.device = "cpu"
+) -> CARModel:
+    """The paper's model with the authors' kgn.pth/usn.pth loaded (eval mode)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise WeightsError(f"weights folder {folder} does not exist")
+    if not folder.is_dir():
+        raise WeightsError(f"{folder} is not a folder")
+    if scale is not None and scale not in SCALES:
+        raise WeightsError(f"scale must be 2 or 4, got {scale}")
+    where = _official_folder(folder, scale)
+    kgn_path, usn_path = (where / name for name in OFFICIAL_FILES)
+    for p in (kgn_path, usn_path):
+        if not p.is_file():
+            raise WeightsError(
+                f"{where} has no {p.name} (the authors' folder holds kgn.pth and usn.pth)"
+            )
+    kgn = _torch_load_state(kgn_path)
+    usn = _torch_load_state(usn_path)
+
+    found = _resampler_scale(kgn, kgn_path)
+    if scale is not None and found != scale:
+        raise WeightsError(f"{kgn_path} is a {found}x resampler, but {scale}x was requested")
+    sr_found = _sr_scale(usn)
+    if sr_found is not None and sr_found != found:
+        raise WeightsError(f"{kgn_path} is for {found}x but {usn_path} is for {sr_found}x")
+
+    model = CARModel(preset("paper", found))
+    _load_strict(model.resampler, kgn, f"{kgn_path} (resampler)")
+    _load_strict(model.sr, usn, f"{usn_path} (SR network)")
+    return model.to(device).eval()
+
+
+def _is_official(folder: Path, scale: int) -> bool:
+    return any((folder / n).exists() for n in OFFICIAL_FILES) or (folder / f"{scale}x").is_dir()
+
+
+def _official_metadata(model: CARModel, folder: Path) -> dict[str, Any]:
+    return {
+        "source": "official",
+        "config": model.config.to_dict(),
+        "scale": model.config.scale,
+        "path": str(folder),
+    }
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def load_model(
+    weights: Path | None, scale: int, device: str | torch.device = "cpu"
+) -> tuple[CARModel, dict]:
+    """Resolve what the user pointed at (or the shipped weights) to a model in eval mode."""
+    if scale not in SCALES:
+        raise WeightsError(f"scale must be 2 or 4, got {scale}")
+    if weights is None:
+        path = weights_dir() / shipped_name(scale)
+        if not path.is_file():
+            raise NoWeightsInstalled(
+                f"no carcli weights are installed for {scale}x (looked for {path}); "
+                f"pass --weights FILE_OR_FOLDER or set {ENV_VAR}"
+            )
+        return _load_checked_scale(path, scale, device)
+
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise WeightsError(f"weights path {path} does not exist")
+    if path.is_file():
+        if path.name in OFFICIAL_FILES:  # pointed at kgn.pth or usn.pth: use its folder
+            model = load_official(path.parent, scale, device)
+            return model, _official_metadata(model, path.parent)
+        return _load_checked_scale(path, scale, device)
+    if _is_official(path, scale):
+        model = load_official(path, scale, device)
+        return model, _official_metadata(model, path)
+    if (path / shipped_name(scale)).is_file():
+        return _load_checked_scale(path / shipped_name(scale), scale, device)
+    others = [s for s in SCALES if (path / f"{s}x").is_dir() or (path / shipped_name(s)).is_file()]
+    hint = f" (it has weights for {others[0]}x only)" if others else ""
+    raise WeightsError(
+        f"{path} holds neither {shipped_name(scale)} nor the authors' kgn.pth/usn.pth "
+        f"(directly or in {scale}x/){hint}"
+    )
+
+
+def _load_checked_scale(
+    path: Path, scale: int, device: str | torch.device
+) -> tuple[CARModel, dict]:
+    model, meta = load_checkpoint(path, device)
+    if model.config.scale != scale:
+        raise WeightsError(
+            f"{path} holds {model.config.scale}x weights, but {scale}x was requested"
+        )
+    return model, meta
+
+
+def installed_weights() -> list[dict]:
+    """The carcli checkpoints in ``weights_dir()``, read from their headers only (for car info).
+
+    A broken file is listed with an ``error`` entry rather than failing the listing.
+    """
+    folder = weights_dir()
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob("car_x*.safetensors")):
+        entry: dict[str, Any] = {"path": path, "size": path.stat().st_size}
+        match = re.fullmatch(r"car_x(\d+)\.safetensors", path.name)
+        scale = int(match.group(1)) if match else None
+        try:
+            meta = read_metadata(path)
+        except WeightsError as exc:
+            entry.update(scale=scale, metadata={}, error=str(exc))
+        else:
+            entry.update(scale=meta.get("scale", scale), metadata=meta)
+        found.append(entry)
+    return found
