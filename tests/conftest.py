@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random checkpoints, synthetic photos, the optional data sets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def photo(height: int, width: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    """A smooth random HxWxC uint8 image: gradients and blobs, more photo-like than noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    planes = []
+    for _ in range(channels):
+        fx, fy, phase = rng.uniform(0.02, 0.3, 2).tolist() + [rng.uniform(0, 6.28)]
+        plane = (
+            0.5
+            + 0.3 * np.sin(fx * xx + phase) * np.cos(fy * yy)
+            + 0.1 * rng.random((height, width))
+        )
+        planes.append(plane)
+    return np.clip(np.stack(planes, axis=-1) * 255, 0, 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with randomly initialised tiny checkpoints ``car_x2`` and ``car_x4``."""
+    from carcli.checkpoints import save_checkpoint, shipped_name
+    from carcli.models import CARModel, preset
+
+    folder = tmp_path_factory.mktemp("weights")
+    for scale in (2, 4):
+        torch.manual_seed(scale)
+        model = CARModel(preset("tiny", scale))
+        save_checkpoint(model, folder / shipped_name(scale), {"note": "random test weights"})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_weights: Path) -> Callable[[int], Path]:
+    """Path of the tiny random checkpoint for a scale."""
+    return lambda scale=4: tiny_weights / f"car_x{scale}.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt: Callable[[int], Path]) -> Callable[[int], torch.nn.Module]:
+    """The tiny random model for a scale, loaded from its checkpoint (CPU, eval)."""
+    from carcli.checkpoints import load_model
+
+    cache: dict[int, torch.nn.Module] = {}
+
+    def get(scale: int = 4) -> torch.nn.Module:
+        if scale not in cache:
+            cache[scale] = load_model(tiny_ckpt(scale), scale)[0]
+        return cache[scale]
+
+    return get
+
+
+@pytest.fixture
+def no_installed_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the shipped-weights lookup at an empty folder."""
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    monkeypatch.setenv("CARCLI_WEIGHTS", str(empty))
+    return empty
+
+
+@pytest.fixture
+def datasets_dir() -> Path:
+    """``../shared/datasets`` next to the repository, or skip."""
+    if not (DATASETS / "val").is_dir():
+        pytest.skip(f"data sets not found at {DATASETS} (they live outside the repository)")
+    return DATASETS
