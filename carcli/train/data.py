@@ -70,7 +70,7 @@ class PatchSampler:
         idx = torch.multinomial(self.weights, size, replacement=True, generator=g).tolist()
         aug = torch.randint(0, 8, (size,), generator=g).tolist()
         crops = []
-        for i, a in zip(idx, aug):
+        for i, a in zip(idx, aug, strict=True):
             img = self.images[i]
             y = int(torch.randint(0, img.shape[1] - p + 1, (1,), generator=g))
             x = int(torch.randint(0, img.shape[2] - p + 1, (1,), generator=g))

@@ -25,7 +25,9 @@ class _Quantize(torch.autograd.Function):
         return grad * (1.0 - ctx.alpha * torch.cos(2.0 * math.pi * z)), None
 
 
-def quantize_for_training(lr: torch.Tensor, gradient: str = "ste", alpha: float = 0.5) -> torch.Tensor:
+def quantize_for_training(
+    lr: torch.Tensor, gradient: str = "ste", alpha: float = 0.5
+) -> torch.Tensor:
     """Real 8-bit rounding of ``lr``; ``gradient`` is "ste" or "soft" (soft-round, weight alpha).
 
     The clamp to [0, 1] passes gradients straight through, so a resampler that
@@ -52,7 +54,9 @@ def offset_loss(offsets_h: torch.Tensor, offsets_v: torch.Tensor) -> torch.Tenso
     return (mag * weights).sum() / (b * h * w)
 
 
-def tv_loss(kernels: torch.Tensor, offsets_h: torch.Tensor, offsets_v: torch.Tensor) -> torch.Tensor:
+def tv_loss(
+    kernels: torch.Tensor, offsets_h: torch.Tensor, offsets_v: torch.Tensor
+) -> torch.Tensor:
     """Kernel-weighted partial total variation of the offsets, per batch item."""
     kernels, offsets_h, offsets_v = kernels.float(), offsets_h.float(), offsets_v.float()
     dy_h = (offsets_v[..., :, 1:] - offsets_v[..., :, :-1]).abs() * kernels[..., :, :-1]

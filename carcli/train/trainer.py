@@ -142,7 +142,9 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             params, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
-        self.sampler = PatchSampler([Path(d) for d in cfg.data], cfg.patch, seed=cfg.seed, quiet=quiet)
+        self.sampler = PatchSampler(
+            [Path(d) for d in cfg.data], cfg.patch, seed=cfg.seed, quiet=quiet
+        )
         self.step = 0
         self.elapsed = 0.0  # training seconds over all invocations
         self.best_psnr = -math.inf
@@ -217,7 +219,7 @@ class Trainer:
         if self.ema is not None:
             decay = min(cfg.ema, (1 + self.step) / (10 + self.step))
             with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                     e.lerp_(p, 1 - decay)
         self.step += 1
         out = {k: float(v.detach()) for k, v in losses.items()}
@@ -268,7 +270,8 @@ class Trainer:
         }
         save_checkpoint(model, path, metadata)
 
-    def run(self) -> None:
+    def run(self, stop_at: int | None = None) -> None:
+        """Train until the schedule ends, the time budget is spent, or step ``stop_at``."""
         cfg = self.cfg
         if cfg.steps is None and cfg.time_budget is None:
             raise ValueError("give --steps or --time-budget")
@@ -283,6 +286,8 @@ class Trainer:
         )
         while True:
             if cfg.steps is not None and self.step >= cfg.steps:
+                break
+            if stop_at is not None and self.step >= stop_at:
                 break
             if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
                 break

@@ -1,0 +1,152 @@
+"""Training: the step learns, resuming continues bit for bit, exports load back."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from carcli.checkpoints import load_checkpoint
+from carcli.train.commands import parse_duration
+from carcli.train.losses import offset_loss, quantize_for_training, tv_loss
+from carcli.train.trainer import LOG_NAME, TrainConfig, Trainer, lr_at
+
+
+def _smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Random low-frequency content: learnable in a few steps, unlike white noise."""
+    coarse = rng.random((h // 8 + 2, w // 8 + 2, 3))
+    img = Image.fromarray((coarse * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    return np.asarray(img)
+
+
+@pytest.fixture
+def train_dir(tmp_path: Path) -> Path:
+    rng = np.random.default_rng()
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(_smooth_image(rng, 48 + 8 * i, 56)).save(folder / f"{i}.png")
+    Image.fromarray(_smooth_image(rng, 16, 16)).save(folder / "small.png")  # below the patch
+    return folder
+
+
+def _config(train_dir: Path, **kw) -> TrainConfig:
+    base = dict(
+        scale=2, data=[str(train_dir)], val=[], config="tiny", steps=6, batch=4, patch=32,
+        lr=2e-3, warmup=0, precision="fp32", val_every=0, log_every=2, ema=0.9,
+        seed=int(torch.randint(0, 2**31 - 1, ())),
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_decreases(train_dir: Path, tmp_path: Path):
+    cfg = _config(train_dir, steps=25, lr=3e-3)
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    fixed = trainer.sampler.batch(8)
+    from carcli.train.trainer import training_losses
+
+    with torch.no_grad():
+        before = float(training_losses(trainer.model, fixed, cfg, torch.device("cpu"))["l1"])
+    trainer.run()
+    with torch.no_grad():
+        after = float(training_losses(trainer.model, fixed, cfg, torch.device("cpu"))["l1"])
+    assert after < 0.7 * before, (before, after)
+    assert len(trainer.sampler.skipped) == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bit_identical(train_dir: Path, tmp_path: Path, precision: str):
+    cfg = _config(train_dir, steps=6, precision=precision)
+    straight = Trainer(cfg, tmp_path / "a", torch.device("cpu"), quiet=True)
+    straight.run()
+
+    first = Trainer(cfg, tmp_path / "b", torch.device("cpu"), quiet=True)
+    first.run(stop_at=3)  # saves state at the end
+    resumed = Trainer(cfg, tmp_path / "b", torch.device("cpu"), quiet=True)
+    resumed.load_state()
+    assert resumed.step == 3
+    resumed.run()
+
+    for name, want in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], want, rtol=0, atol=0)
+    for name, want in straight.ema.state_dict().items():
+        torch.testing.assert_close(resumed.ema.state_dict()[name], want, rtol=0, atol=0)
+    logs = [json.loads(line) for line in (tmp_path / "b" / LOG_NAME).read_text().splitlines()]
+    assert [r["step"] for r in logs if r["event"] == "train"] == [2, 4, 6]
+
+
+def test_export_round_trip(train_dir: Path, tmp_path: Path):
+    cfg = _config(train_dir, steps=2)
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    trainer.run()
+    out = tmp_path / "x2.safetensors"
+    trainer.export(out, {"Set5": {"psnr": 30.5, "ssim": 0.9}})
+    model, meta = load_checkpoint(out)
+    assert meta["steps"] == 2
+    assert meta["validation"]["Set5"]["psnr"] == 30.5
+    assert meta["recipe"]["lr"] == cfg.lr
+    x = torch.rand(1, 3, 21, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trainer.ema.eval()(x), rtol=1e-6, atol=1e-6)
+
+
+def test_validation_keeps_best(train_dir: Path, tmp_path: Path):
+    scores = iter([20.0, 25.0, 22.0])
+
+    def fake_eval(model):
+        return {"Set": {"psnr": next(scores), "ssim": 0.5}}
+
+    cfg = _config(train_dir, steps=3, val_every=1)
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), evaluate=fake_eval, quiet=True)
+    trainer.run()
+    assert trainer.best_psnr == 25.0
+    _, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert meta["steps"] == 2 and meta["validation"]["Set"]["psnr"] == 25.0
+
+
+def test_quantisation_rounds_forward_and_passes_gradients():
+    lr = (torch.rand(2, 3, 5, 5) * 1.2 - 0.1).requires_grad_()
+    for gradient, alpha in (("ste", 0.0), ("soft", 0.5)):
+        q = quantize_for_training(lr, gradient, alpha=0.5)
+        torch.testing.assert_close(q, torch.round(lr.clamp(0, 1) * 255) / 255)
+        (grad,) = torch.autograd.grad(q.sum(), lr)
+        z = lr.detach().clamp(0, 1) * 255
+        torch.testing.assert_close(grad, 1 - alpha * torch.cos(2 * math.pi * z))
+
+
+def test_regularisers_match_their_definitions():
+    b, k, h, w = 2, 3, 4, 5
+    dx, dy = torch.randn(b, k * k, h, w), torch.randn(b, k * k, h, w)
+    kern = torch.rand(b, k * k, h, w)
+    expected_offset = 0.0
+    expected_tv = 0.0
+    for n in range(b):
+        for t in range(k * k):
+            u, v = divmod(t, k)
+            dist = math.hypot(u - k // 2, v - k // 2) / k
+            for i in range(h):
+                for j in range(w):
+                    expected_offset += math.hypot(dx[n, t, i, j], dy[n, t, i, j]) * dist
+                    if j + 1 < w:
+                        expected_tv += abs(dy[n, t, i, j + 1] - dy[n, t, i, j]) * kern[n, t, i, j]
+                    if i + 1 < h:
+                        expected_tv += abs(dx[n, t, i + 1, j] - dx[n, t, i, j]) * kern[n, t, i, j]
+    assert float(offset_loss(dx, dy)) == pytest.approx(expected_offset / (b * h * w), rel=1e-4)
+    assert float(tv_loss(kern, dx, dy)) == pytest.approx(expected_tv / b, rel=1e-4)
+
+
+def test_schedule_and_durations():
+    cfg = TrainConfig(scale=4, data=[], val=[], lr=1e-3, min_lr=0.0, warmup=10, steps=110)
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(1e-4)
+    assert lr_at(cfg, 10, 0.0) == pytest.approx(1e-3)
+    assert lr_at(cfg, 60, 0.5) == pytest.approx(5e-4)
+    assert lr_at(cfg, 110, 1.0) == pytest.approx(0.0)
+    assert parse_duration("2h30m") == 9000
+    assert parse_duration("45m") == 2700
+    assert parse_duration("90") == 90
