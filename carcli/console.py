@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -67,7 +68,7 @@ class ConsoleReporter:
     def _line(self, text: str, style: str | None = None) -> None:
         self.console.print(Text(text, style=style or ""), soft_wrap=True)
 
-    def start(self, total: int, action: str) -> None:
+    def start(self, total: int, label: str) -> None:
         if not self.show_progress or total < 2:
             return
         self._progress = Progress(
@@ -82,7 +83,7 @@ class ConsoleReporter:
             transient=True,
         )
         self._progress.start()
-        self._task = self._progress.add_task(action, total=total, done=0, mp=0.0)
+        self._task = self._progress.add_task(label, total=total, done=0, mp=0.0)
 
     def advance(self, outcome: Outcome) -> None:
         if outcome.status == "ok":
@@ -192,17 +193,18 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
     env.add_row("weights dir", info["weights_dir"])
 
     weights = Table(title="installed weights", header_style="bold")
-    for column in ("scale", "file", "config", "parameters", "validation", "note"):
+    broken = any(w.get("error") for w in info["weights"])
+    for column in ("scale", "file", "config", "parameters", "validation") + ("problem",) * broken:
         weights.add_column(column, overflow="fold")
     for w in info["weights"]:
-        weights.add_row(
+        row = [
             f"{w['scale']}x" if w.get("scale") else "?",
-            w["file"],
+            Path(w["file"]).name,
             w.get("config") or "-",
             w.get("parameters") or "-",
             w.get("validation") or "-",
-            w.get("error") or "",
-        )
+        ]
+        weights.add_row(*row, *([w.get("error") or ""] if broken else []))
     if not info["weights"]:
         weights.caption = (
             "none installed: commands need --weights FILE_OR_FOLDER until the trained "

@@ -299,7 +299,7 @@ class Summary:
 class Reporter(Protocol):
     """Where a batch tells the user what happens (see ``carcli.console``)."""
 
-    def start(self, total: int, action: str) -> None: ...
+    def start(self, total: int, label: str) -> None: ...
     def advance(self, outcome: Outcome) -> None: ...
     def error(self, rel: str, reason: str) -> None: ...
     def warn(self, rel: str, message: str) -> None: ...
@@ -310,7 +310,8 @@ class Reporter(Protocol):
 class Task:
     """One command's work per file: where outputs go, what to compute, how to save it."""
 
-    action = "processed"
+    action = "processed"  # for the summary line
+    label = "processing"  # for the progress bar
     skip_done = True  # skip items whose outputs all exist (unless overwrite)
 
     def __init__(self, processor: Processor, overwrite: bool = False) -> None:
@@ -365,7 +366,7 @@ class _WritingTask(Task):
 
 
 class DownscaleTask(_WritingTask):
-    action = "downscaled"
+    action, label = "downscaled", "downscaling"
 
     def compute(self, item: Item, picture: Picture) -> Result:
         lr = downscale_picture(self.processor, picture)
@@ -374,7 +375,7 @@ class DownscaleTask(_WritingTask):
 
 
 class UpscaleTask(_WritingTask):
-    action = "upscaled"
+    action, label = "upscaled", "upscaling"
 
     def compute(self, item: Item, picture: Picture) -> Result:
         size, warning = restored_size(picture, self.processor.scale)
@@ -407,7 +408,7 @@ def _file_key(path: Path, scale: int) -> tuple[str, int, int, int]:
 class RoundtripTask(Task):
     """Downscale, quantise, upscale in memory; measure against the input and bicubic."""
 
-    action = "measured"
+    action, label = "measured", "round trip"
     skip_done = False  # the metrics are the point: every image is measured every time
 
     def __init__(
@@ -518,7 +519,7 @@ def make_items(task: Task, inputs: Sequence[tuple[Path, Path]]) -> list[Item]:
 def run_batch(task: Task, items: Sequence[Item], reporter: Reporter) -> list[Outcome]:
     """Process every item, one error line per failure; the batch always continues."""
     start = time.perf_counter()
-    reporter.start(len(items), task.action)
+    reporter.start(len(items), task.label)
     outcomes: list[Outcome] = []
     try:
         for item in items:
@@ -625,13 +626,14 @@ def evaluate_folder(
 
     param = next(model.parameters(), None)
     home = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
     was_training = model.training
     try:
         task = RoundtripTask(Processor(model, device), compare_bicubic=compare_bicubic)
         items = make_items(task, collect_inputs(Path(folder), recursive))
         outcomes = run_batch(task, items, ConsoleReporter(quiet=not progress))
     finally:
-        model.to(home).train(was_training)
+        model.to(home, dtype).train(was_training)
     return roundtrip_report(outcomes, model.scale, compare_bicubic)
 
 
@@ -687,7 +689,8 @@ def _picture_of(image: ImageLike) -> tuple[Picture, Callable[[Picture], ImageLik
             raise ValueError("tensors must be float 3xHxW in [0, 1]")
         picture = Picture(rgb=image.detach().float().clamp(0, 1).cpu(), bits=32)
         device = image.device
-        return picture, lambda p: p.rgb.to(device)
+        # clone() outside inference mode: the caller may use the result with autograd
+        return picture, lambda p: p.rgb.to(device).clone()
     raise TypeError(f"expected a PIL image, a numpy array or a tensor, got {type(image).__name__}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,32 @@ def test_resume_skips_existing_and_overwrite_replaces(tmp_path: Path, tiny_weigh
     result = car("downscale", src, out, "-w", tiny_weights, "-s", "2", "--overwrite")
     assert result.exit_code == 0 and "skipped" not in result.stderr
     assert all((out / n).stat().st_mtime_ns != t for n, t in before.items())
+
+
+def test_interrupt_exits_130_and_leaves_no_partial_files(
+    tmp_path: Path, tiny_weights, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(photo(12, 9, seed=i)).save(src / f"{i}.png")
+    from carcli import imageio
+
+    real_replace, calls = os.replace, []
+
+    def replace_then_interrupt(a, b):  # Ctrl-C while the second output is being written
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(a, b)
+
+    monkeypatch.setattr(imageio.os, "replace", replace_then_interrupt)
+    result = car("downscale", src, out, "-w", tiny_weights)
+    assert result.exit_code == 130 and "run the same command again" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["0.png"] and temp_files(tmp_path) == []
+    monkeypatch.setattr(imageio.os, "replace", real_replace)
+    result = car("downscale", src, out, "-w", tiny_weights)
+    assert result.exit_code == 0 and "1 skipped" in result.stderr
 
 
 def test_usage_errors_exit_2(tmp_path: Path, tiny_weights) -> None:
