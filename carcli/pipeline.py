@@ -381,7 +381,7 @@ class UpscaleTask(_WritingTask):
         size, warning = restored_size(picture, self.processor.scale)
         rec = upscale_picture(self.processor, picture, size)
         return Result(
-            {"image": rec}, _sizes_record(item, picture, rec), warnings=[warning] * bool(warning)
+            {"image": rec}, _sizes_record(item, picture, rec), warnings=[warning] if warning else []
         )
 
 
