@@ -43,6 +43,7 @@ from carcli.pipeline import (
     roundtrip_report,
     run_batch,
 )
+from carcli.train import commands as train_commands
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 LOSSY_REFUSED = (
@@ -410,6 +411,11 @@ def info(json_file: JsonOpt = None) -> None:
         console.print(renderable)
     if not _write_json(json_file, data):
         raise typer.Exit(1)
+
+
+# Training has its own package; `car train` and `car export` are its entry points.
+app.command("train")(train_commands.train)
+app.command("export")(train_commands.export)
 
 
 def main() -> None:
