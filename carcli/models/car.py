@@ -19,10 +19,11 @@ def lr_size(height: int, width: int, scale: int) -> tuple[int, int]:
     return math.ceil(height / scale), math.ceil(width / scale)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Reflect-pad bottom and right so both sides are multiples of ``multiple``."""
+def pad_to_multiple(x: torch.Tensor, multiple: int, min_side: int = 0) -> torch.Tensor:
+    """Reflect-pad bottom and right to sides that are multiples of ``multiple``, >= ``min_side``."""
     h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
+    ph = max(-h % multiple, min_side - h + (-min_side % multiple))
+    pw = max(-w % multiple, min_side - w + (-min_side % multiple))
     if ph == 0 and pw == 0:
         return x
     # Reflect needs pad < side; pad symmetrically in steps, then crop the top/left part away.
@@ -52,7 +53,8 @@ class CARModel(nn.Module):
     def downscale(self, hr: torch.Tensor) -> torch.Tensor:
         """HR in [0, 1], any size -> float LR (not yet quantised), ceil(H/s) x ceil(W/s)."""
         h, w = hr.shape[-2:]
-        lr = self.resample_padded(pad_to_multiple(hr, SIZE_MULTIPLE))
+        # Two cells at H/8 at least: the network reflect-pads there, which needs 2 pixels.
+        lr = self.resample_padded(pad_to_multiple(hr, SIZE_MULTIPLE, 2 * SIZE_MULTIPLE))
         lh, lw = lr_size(h, w, self.scale)
         return lr[..., :lh, :lw]
 
