@@ -194,7 +194,7 @@ def test_cpu_offsets_beyond_the_padded_border(cpu_build):
     [(4, 1, 1, 1, 13), (4, 2, 1, 2, 13), (2, 1, 1, 1, 7), (1, 1, 1, 3, 3), (1, 1, 2, 2, 5)],
 )
 def test_cpu_tiny_images_use_the_reference_padding(cpu_build, scale, b, h, w, k):
-    """Pads larger than the image: the reference reflects in steps (or replicates)."""
+    """Pads larger than the image: the periodic mirror of the reference (or replicate)."""
     gen = torch.Generator().manual_seed(11)
     hr = torch.rand(b, 3, h * scale, w * scale, generator=gen, dtype=torch.float64)
     kern = torch.rand(b, k * k, h, w, generator=gen, dtype=torch.float64)

@@ -144,3 +144,17 @@ def test_rejects_mismatched_shapes():
         resample(torch.rand(1, 3, 9, 8), kern, kern, kern, 2)
     with pytest.raises(ValueError, match="k odd"):
         resample(hr, kern[:, :48], kern[:, :48], kern[:, :48], 2)
+
+
+@pytest.mark.parametrize("size", [(2, 9), (3, 3), (2, 2), (5, 2)])
+def test_images_smaller_than_the_padding(size):
+    """Padding wider than the image continues the mirror periodically, as the loop does."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    h, w = size
+    hr = torch.rand(1, 3, h * 2, w * 2, generator=gen, dtype=torch.float64)
+    kern = torch.rand(1, 81, h, w, generator=gen, dtype=torch.float64)  # k = 9: pad 4 > side
+    dx = torch.rand(1, 81, h, w, generator=gen, dtype=torch.float64) * 2 - 1
+    dy = torch.rand(1, 81, h, w, generator=gen, dtype=torch.float64) * 2 - 1
+    torch.testing.assert_close(
+        resample(hr, kern, dx, dy, 2), slow_resample(hr, kern, dx, dy, 2), rtol=1e-10, atol=1e-10
+    )

@@ -27,13 +27,22 @@ def kernel_size_of(taps: int) -> int:
 
 
 def reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Reflect-pad all four sides, repeating the reflection for tiny images."""
-    while pad > 0:
-        step = min(pad, x.shape[-2] - 1, x.shape[-1] - 1)
-        if step <= 0:  # a 1-pixel-wide image has nothing to reflect
-            return F.pad(x, (pad,) * 4, mode="replicate")
-        x = F.pad(x, (step,) * 4, mode="reflect")
-        pad -= step
+    """Reflect-pad all four sides by ``pad``, even past the image size.
+
+    Reflecting repeatedly, each side by at most its length - 1, gives the
+    periodic mirror extension (period 2 * (n - 1)) that a single reflection
+    would give if it could reach that far. A 1-pixel side has nothing to
+    mirror and is replicated.
+    """
+    left = [pad, pad]  # still to add along (H, W)
+    while left[0] > 0 or left[1] > 0:
+        h, w = x.shape[-2:]
+        step_h = min(left[0], h - 1) if h > 1 else 0
+        step_w = min(left[1], w - 1) if w > 1 else 0
+        if step_h == 0 and step_w == 0:
+            return F.pad(x, (left[1], left[1], left[0], left[0]), mode="replicate")
+        x = F.pad(x, (step_w, step_w, step_h, step_h), mode="reflect")
+        left = [left[0] - step_h, left[1] - step_w]
     return x
 
 

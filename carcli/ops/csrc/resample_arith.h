@@ -10,7 +10,7 @@
 //   LR[c, i, j] = sum_t K[t, i, j] * bilinear(xpad[c], py, px)
 // with both coordinates clamped to the padded image (grid_sample 'border',
 // align_corners=True) and xpad the image reflect-padded by P = k // 2 in the
-// reference's own steps (see PadPlan). The padded image is never built: each
+// periodic mirror (see pad_source). The padded image is never built: each
 // padded row/column is mapped back to the source row/column it copies.
 #pragma once
 
@@ -27,60 +27,16 @@
 
 namespace carcli {
 
-// The reference pads with F.pad(mode="reflect") in steps of
-// min(remaining, H_cur - 1, W_cur - 1) (reflect cannot exceed the current size),
-// or with mode="replicate" when a side is a single pixel. Steps grow at least
-// geometrically, so 32 covers any pad that fits in an int.
-constexpr int kMaxPadSteps = 32;
-
-struct PadPlan {
-  int n_steps = 0;
-  int steps[kMaxPadSteps] = {};
-  int total = 0;      // sum of steps (the reflect part of the padding)
-  int replicate = 0;  // replicate padding applied instead (1-pixel sides)
-};
-
-// Host-side: the padding steps that reflect_pad() in reference.py takes.
-// Returns false if the plan does not fit (never for realistic pads).
-inline bool make_pad_plan(int64_t height, int64_t width, int64_t pad, PadPlan* plan) {
-  *plan = PadPlan();
-  while (pad > 0) {
-    int64_t step = pad;
-    if (height - 1 < step) step = height - 1;
-    if (width - 1 < step) step = width - 1;
-    if (step <= 0) {
-      plan->replicate = static_cast<int>(pad);
-      return true;
-    }
-    if (plan->n_steps == kMaxPadSteps) return false;
-    plan->steps[plan->n_steps++] = static_cast<int>(step);
-    plan->total += static_cast<int>(step);
-    height += 2 * step;
-    width += 2 * step;
-    pad -= step;
-  }
-  return true;
-}
-
 // Source index (0..n-1) copied into padded index q (0..n+2P-1) along one axis
-// of length n.
-CARCLI_HD int pad_source(int q, int n, const PadPlan& plan) {
-  if (plan.replicate > 0) {
-    q -= plan.replicate;
-    return q < 0 ? 0 : (q > n - 1 ? n - 1 : q);
-  }
-  int before = plan.total;  // padding present before the step being undone
-  for (int t = plan.n_steps - 1; t >= 0; --t) {
-    before -= plan.steps[t];
-    const int n_prev = n + 2 * before;
-    q -= plan.steps[t];
-    if (q < 0) {
-      q = -q;
-    } else if (q >= n_prev) {
-      q = 2 * (n_prev - 1) - q;
-    }
-  }
-  return q;
+// of length n, for reflect padding by `pad`: the periodic mirror extension
+// (period 2 * (n - 1)) that reference.py's repeated reflection produces, so a
+// pad wider than the image is fine. A 1-pixel axis replicates.
+CARCLI_HD int pad_source(int q, int n, int pad) {
+  if (n <= 1) return 0;
+  const int period = 2 * (n - 1);
+  int i = (q - pad) % period;
+  if (i < 0) i += period;
+  return i < n ? i : period - i;
 }
 
 // Accumulation type: float for float/half/bfloat16, double for double.
@@ -154,7 +110,7 @@ CARCLI_HD AxisSample<acc_t> axis_sample(int base2, acc_t shift, int n) {
   return r;
 }
 
-// Sizes and padding plan of one resampling problem (all batch items).
+// Sizes of one resampling problem (all batch items).
 struct Geometry {
   int channels;  // C
   int height;    // H (HR, unpadded)
@@ -166,7 +122,6 @@ struct Geometry {
   int pad;        // P = k / 2
   int padded_height;  // H + 2P
   int padded_width;   // W + 2P
-  PadPlan plan;
 };
 
 // One tap of one LR pixel: the four source pixels (as offsets into a
@@ -186,10 +141,10 @@ CARCLI_HD TapSample<acc_t, index_t> tap_sample(
       axis_sample<acc_t>(2 * (j * s + v) + s - 1, acc_t(s) * dx, g.padded_width);
   const AxisSample<acc_t> ay =
       axis_sample<acc_t>(2 * (i * s + u) + s - 1, acc_t(s) * dy, g.padded_height);
-  const index_t r0 = static_cast<index_t>(pad_source(ay.i0, g.height, g.plan)) * g.width;
-  const index_t r1 = static_cast<index_t>(pad_source(ay.i1, g.height, g.plan)) * g.width;
-  const index_t c0 = pad_source(ax.i0, g.width, g.plan);
-  const index_t c1 = pad_source(ax.i1, g.width, g.plan);
+  const index_t r0 = static_cast<index_t>(pad_source(ay.i0, g.height, g.pad)) * g.width;
+  const index_t r1 = static_cast<index_t>(pad_source(ay.i1, g.height, g.pad)) * g.width;
+  const index_t c0 = pad_source(ax.i0, g.width, g.pad);
+  const index_t c1 = pad_source(ax.i1, g.width, g.pad);
   TapSample<acc_t, index_t> t;
   t.o00 = r0 + c0;
   t.o01 = r0 + c1;
