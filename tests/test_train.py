@@ -150,3 +150,24 @@ def test_schedule_and_durations():
     assert parse_duration("2h30m") == 9000
     assert parse_duration("45m") == 2700
     assert parse_duration("90") == 90
+
+
+def test_export_run_from_state_and_best(train_dir: Path, tmp_path: Path):
+    from carcli.train.export import export_run
+
+    scores = iter([21.0, 20.0])
+    cfg = _config(train_dir, steps=2, val_every=1)
+    trainer = Trainer(
+        cfg, tmp_path / "run", torch.device("cpu"),
+        evaluate=lambda m: {"Set": {"psnr": next(scores), "ssim": 0.5}}, quiet=True,
+    )  # fmt: skip
+    trainer.run()
+    last = export_run(tmp_path / "run", tmp_path / "last.safetensors", "last", timing=False)
+    best = export_run(tmp_path / "run", tmp_path / "best.safetensors", "best", timing=False)
+    assert (last["steps"], last["validation"]["Set"]["psnr"]) == (2, 20.0)
+    assert (best["steps"], best["validation"]["Set"]["psnr"]) == (1, 21.0)
+    model, meta = load_checkpoint(tmp_path / "last.safetensors")
+    assert meta["parameters"] == model.parameter_counts()
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trainer.ema.eval()(x), rtol=1e-6, atol=1e-6)

@@ -139,27 +139,26 @@ def export(
     which: Annotated[
         str, typer.Option(help="best: best validated weights; last: latest (EMA) weights.")
     ] = "best",
+    timing: Annotated[
+        bool, typer.Option(help="Measure and record CPU time for a 2 MP round trip.")
+    ] = True,
 ) -> None:
     """Write an inference checkpoint (safetensors + metadata) from a training run."""
-    from carcli.checkpoints import WeightsError, load_checkpoint, save_checkpoint
+    from carcli.checkpoints import WeightsError
+    from carcli.train.export import export_run
 
-    if which == "best":
-        src = run / BEST_NAME
-        if not src.exists():
-            typer.echo(f"error: {src}: no validated checkpoint yet (try --which last)", err=True)
-            raise typer.Exit(1)
-        try:
-            model, metadata = load_checkpoint(src)
-        except WeightsError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
-        save_checkpoint(model, output, {k: v for k, v in metadata.items() if k not in ("format",)})
-    elif which == "last":
-        state = torch.load(run / STATE_NAME, map_location="cpu", weights_only=True)
-        cfg = TrainConfig(**state["config"])
-        trainer = Trainer(cfg, run, torch.device("cpu"), quiet=True)
-        trainer.load_state()
-        trainer.export(output, trainer.history[-1] if trainer.history else None)
-    else:
+    if which not in ("best", "last"):
         raise typer.BadParameter("--which must be best or last")
-    typer.echo(json.dumps({"written": str(output)}))
+    source = run / (BEST_NAME if which == "best" else STATE_NAME)
+    if not source.exists():
+        hint = " (no validation has run yet: try --which last)" if which == "best" else ""
+        typer.echo(f"error: {source}: not found{hint}", err=True)
+        raise typer.Exit(1)
+    try:
+        metadata = export_run(run, output, which, timing)
+    except WeightsError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    summary = {"written": str(output), "steps": metadata.get("steps")}
+    summary.update({k: metadata[k] for k in ("validation", "cpu_timing") if k in metadata})
+    typer.echo(json.dumps(summary))

@@ -70,6 +70,20 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def run_metadata(
+    cfg: TrainConfig, step: int, elapsed: float, model: CARModel, report: dict | None
+) -> dict:
+    """What an exported checkpoint records about how it was made."""
+    return {
+        "recipe": cfg.to_dict(),
+        "training_data": cfg.data,
+        "steps": step,
+        "train_seconds": round(elapsed, 1),
+        "parameters": model.parameter_counts(),
+        "validation": report or {},
+    }
+
+
 def _autocast(precision: str, device: torch.device):  # noqa: ANN202
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -154,6 +168,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "config": self.cfg.to_dict(),
+            "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
@@ -242,6 +257,7 @@ class Trainer:
         record.update({f"{name}_psnr": round(r["psnr"], 4) for name, r in report.items()})
         record.update({f"{name}_ssim": round(r["ssim"], 5) for name, r in report.items()})
         record["mean_psnr"] = round(mean_psnr, 4)
+        record["sets"] = report
         self.history.append(record)
         self._log(record)
         if mean_psnr > self.best_psnr:
@@ -260,15 +276,7 @@ class Trainer:
         from carcli.checkpoints import save_checkpoint
 
         model = copy.deepcopy(self.eval_model()).to("cpu").to(memory_format=torch.contiguous_format)
-        metadata = {
-            "recipe": self.cfg.to_dict(),
-            "training_data": self.cfg.data,
-            "steps": self.step,
-            "train_seconds": round(self.elapsed, 1),
-            "parameters": model.parameter_counts(),
-            "validation": report or {},
-        }
-        save_checkpoint(model, path, metadata)
+        save_checkpoint(model, path, run_metadata(self.cfg, self.step, self.elapsed, model, report))
 
     def run(self, stop_at: int | None = None) -> None:
         """Train until the schedule ends, the time budget is spent, or step ``stop_at``."""

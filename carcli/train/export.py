@@ -1,0 +1,77 @@
+"""Turn a training run into the inference checkpoint that `car` ships and loads."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from carcli.checkpoints import load_checkpoint, save_checkpoint
+from carcli.models import CARConfig, CARModel, preset
+from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, run_metadata
+
+# A 2-megapixel photo (4:3), the size the issue's speed targets are stated for.
+TIMING_SIZE = (1224, 1632)
+
+
+def cpu_timing(model: CARModel, threads: int | None = None, repeats: int = 2) -> dict:
+    """Seconds for downscale, upscale and the round trip of a 2 MP image on this CPU."""
+    from carcli.pipeline import Processor
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        processor = Processor(model, "cpu")
+        gen = torch.Generator().manual_seed(0)
+        image = torch.rand(3, *TIMING_SIZE, generator=gen)
+        best_down = best_up = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            lr = processor.downscale(image)
+            t1 = time.perf_counter()
+            processor.upscale(lr, size=TIMING_SIZE)
+            t2 = time.perf_counter()
+            best_down, best_up = min(best_down, t1 - t0), min(best_up, t2 - t1)
+    finally:
+        torch.set_num_threads(old_threads)
+    return {
+        "image": f"{TIMING_SIZE[1]}x{TIMING_SIZE[0]}",
+        "threads": threads or old_threads,
+        "downscale_s": round(best_down, 2),
+        "upscale_s": round(best_up, 2),
+        "roundtrip_s": round(best_down + best_up, 2),
+        "precision": "fp32",
+    }
+
+
+def _from_state(run: Path) -> tuple[CARModel, dict]:
+    state = torch.load(run / STATE_NAME, map_location="cpu", weights_only=True)
+    cfg = TrainConfig(**state["config"])
+    config = (
+        CARConfig.from_dict(state["model_config"])
+        if "model_config" in state
+        else preset(cfg.config, cfg.scale)
+    )
+    model = CARModel(config)
+    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    vals = [h for h in state["history"] if h.get("event") == "val" and "sets" in h]
+    report = vals[-1]["sets"] if vals else None
+    return model.eval(), run_metadata(cfg, state["step"], state["elapsed"], model, report)
+
+
+def export_run(run: Path, output: Path, which: str = "best", timing: bool = True) -> dict:
+    """Write ``output`` from the run's best validated weights or its latest (EMA) weights."""
+    if which == "best":
+        model, metadata = load_checkpoint(run / BEST_NAME)
+    elif which == "last":
+        model, metadata = _from_state(run)
+    else:
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    metadata = {k: v for k, v in metadata.items() if k not in ("format", "config", "scale")}
+    metadata["source"] = f"carcli train ({which} of {run.name})"
+    if timing:
+        metadata["cpu_timing"] = cpu_timing(model)
+    save_checkpoint(model, output, metadata)
+    return metadata
