@@ -18,11 +18,12 @@ is at the end.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,6 +52,8 @@ from carcli.imageio import (
 from carcli.models import CARModel, lr_size, quantize
 from carcli.ops.reference import reflect_pad
 from carcli.resize import bicubic_downscale, bicubic_upscale
+from carcli.streaming import OrderedWorker, Prefetcher
+from carcli.tiling import PrecisionError, TiledModel, is_oom
 
 # The resampler network works at H/8 and reflect-pads there, so it needs sides of
 # at least 9 pixels; smaller images are padded to this size first and cropped after.
@@ -125,16 +128,38 @@ def _batched(x: torch.Tensor) -> torch.Tensor:
 
 
 class Processor:
-    """A CAR model on one device, applied to RGB tensors in [0, 1] (float32, no autograd).
+    """A CAR model on one device, applied to RGB tensors in [0, 1] (no autograd).
 
-    Tensors go in and come out on the CPU (or wherever they are); the device
-    transfer happens here, so a tiled or batched runner can wrap these methods.
+    Tensors go in and come out on the CPU (or wherever they are); only tiles
+    travel to the device (see :mod:`carcli.tiling`), so any image size runs in
+    bounded memory. ``precision`` is ``fp32`` (exact, the default here),
+    ``bf16``, ``fp16`` (CUDA) or ``auto`` (the device's fastest sensible
+    choice); the resampling op always runs in float32. ``tile`` is the side of
+    a tile in output pixels (LR pixels when downscaling, HR when upscaling;
+    None: sized from free memory); :attr:`down_tile` and :attr:`up_tile` set
+    the two steps separately.
     """
 
-    def __init__(self, model: CARModel, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device).float().eval()
+    def __init__(
+        self,
+        model: CARModel,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        tile: int | None = None,
+        channels_last: bool = False,
+        memory_budget: int | None = None,
+    ) -> None:
+        device = torch.device(device)
+        try:
+            self.runner = TiledModel(model, device, precision, channels_last, memory_budget)
+        except PrecisionError as exc:
+            raise UsageError(str(exc)) from None
+        self.device = self.runner.device
+        self.model = self.runner.model
+        self.precision = self.runner.precision
         self.scale: int = model.scale
+        self.down_tile: int | None = tile
+        self.up_tile: int | None = tile
 
     def downscale(self, hr: torch.Tensor) -> torch.Tensor:
         """HR (3xHxW or Bx3xHxW) -> LR quantised to 8 bits, ceil(H/s) x ceil(W/s)."""
@@ -143,8 +168,8 @@ class Processor:
         h, w = hr.shape[-2:]
         lh, lw = lr_size(h, w, self.scale)
         with torch.inference_mode():
-            x = _pad_small(hr.to(self.device, torch.float32))
-            lr = quantize(self.model.downscale(x))[..., :lh, :lw].to(hr.device)
+            x = _pad_small(hr.to(dtype=torch.float32))
+            lr = _quantize_(self.runner.downscale(x, self.down_tile)[..., :lh, :lw], 8)
         return lr[0] if squeeze else lr
 
     def upscale(self, lr: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -152,16 +177,31 @@ class Processor:
         squeeze = lr.dim() == 3
         lr = _batched(lr)
         with torch.inference_mode():
-            hr = self.model.upscale(lr.to(self.device, torch.float32)).clamp(0.0, 1.0)
-            if size is not None:
-                hr = hr[..., : size[0], : size[1]]
-            hr = hr.to(lr.device)
+            hr = self.runner.upscale(lr.to(dtype=torch.float32), size, self.up_tile)
         return hr[0] if squeeze else hr
 
     def roundtrip(self, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(8-bit LR, reconstruction at the input's size); equal to going through PNG files."""
         lr = self.downscale(hr)
         return lr, self.upscale(lr, size=tuple(hr.shape[-2:]))
+
+    def max_batch(self, height: int, width: int) -> int:
+        """How many HR images of this size to run together (more than 1 only on a GPU)."""
+        return self.runner.max_batch(height, width)
+
+    def take_notes(self) -> list[str]:
+        """Messages for the user collected since the last call (out-of-memory retries)."""
+        notes, self.runner.notes = self.runner.notes, []
+        return notes
+
+
+def _quantize_(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`quantize_bits` in place, for tensors this module just made (saves two copies)."""
+    with torch.inference_mode():  # the processor's outputs are inference tensors
+        if bits > 16:
+            return x.clamp_(0.0, 1.0)
+        peak = float(2**bits - 1)
+        return x.clamp_(0.0, 1.0).mul_(peak).round_().div_(peak)
 
 
 def bicubic_roundtrip(hr: torch.Tensor, scale: int, bits: int = 8) -> torch.Tensor:
@@ -195,13 +235,35 @@ def _resize_alpha_up(alpha: torch.Tensor, scale: int, size: tuple[int, int]) -> 
     return bicubic_upscale(alpha, scale, size=size).clamp(0.0, 1.0)
 
 
-def downscale_picture(processor: Processor, picture: Picture) -> Picture:
-    """The 8-bit LR picture, its text chunks recording the source size and scale."""
+def downscale_picture(
+    processor: Processor, picture: Picture, lr: torch.Tensor | None = None
+) -> Picture:
+    """The 8-bit LR picture, its text chunks recording the source size and scale.
+
+    ``lr`` is the processor's result for ``picture.rgb`` when it was computed
+    already (in a batch with other pictures of the same size).
+    """
     s = processor.scale
-    lr = processor.downscale(picture.rgb)
+    lr = processor.downscale(picture.rgb) if lr is None else lr
     alpha = None if picture.alpha is None else _resize_alpha_down(picture.alpha, s)
     text = {SOURCE_SIZE_KEY: f"{picture.width}x{picture.height}", SCALE_KEY: str(s)}
     return Picture(rgb=lr, alpha=alpha, bits=8, grey=picture.grey, text=text)
+
+
+def downscale_batch(processor: Processor, pictures: Sequence[Picture]) -> list[torch.Tensor]:
+    """LR tensors of equal-size pictures, computed in one pass."""
+    if len(pictures) == 1:
+        return [processor.downscale(pictures[0].rgb)]
+    return list(processor.downscale(torch.stack([p.rgb for p in pictures])).unbind(0))
+
+
+def upscale_batch(
+    processor: Processor, lrs: Sequence[torch.Tensor], size: tuple[int, int] | None
+) -> list[torch.Tensor]:
+    """Reconstructions of equal-size LR tensors (one target ``size``), in one pass."""
+    if len(lrs) == 1:
+        return [processor.upscale(lrs[0], size=size)]
+    return list(processor.upscale(torch.stack(list(lrs)), size=size).unbind(0))
 
 
 def restored_size(picture: Picture, scale: int) -> tuple[tuple[int, int] | None, str | None]:
@@ -229,27 +291,36 @@ def upscale_picture(
     picture: Picture,
     size: tuple[int, int] | None = None,
     bits: int | None = None,
+    hr: torch.Tensor | None = None,
 ) -> Picture:
-    """The reconstruction (alpha resized classically) at ``bits`` (default: the input's)."""
+    """The reconstruction (alpha resized classically) at ``bits`` (default: the input's).
+
+    ``hr`` is the processor's result when it was computed already (batched).
+    """
     s = processor.scale
     bits = bits or picture.bits
     out_size = size or (picture.height * s, picture.width * s)
-    rgb = quantize_bits(processor.upscale(picture.rgb, size=out_size), bits)
+    if hr is None:
+        hr = processor.upscale(picture.rgb, size=out_size)
+    # In place: the processor's output is ours, and a 24 MP float image is 288 MB.
+    rgb = _quantize_(hr, bits)
     alpha = None
     if picture.alpha is not None:
         alpha = quantize_bits(_resize_alpha_up(picture.alpha, s, out_size), bits)
     return Picture(rgb=rgb, alpha=alpha, bits=bits, grey=picture.grey)
 
 
-def roundtrip_picture(processor: Processor, picture: Picture) -> tuple[Picture, Picture]:
+def roundtrip_picture(
+    processor: Processor, picture: Picture, lr: torch.Tensor | None = None
+) -> tuple[Picture, Picture]:
     """(LR, reconstruction at the input's size and bit depth).
 
     For 8-bit inputs this is exactly what ``car downscale`` to PNG followed by
     ``car upscale`` produces; 16-bit inputs keep 16 bits in the reconstruction.
     """
-    lr = downscale_picture(processor, picture)
+    small = downscale_picture(processor, picture, lr)
     size = (picture.height, picture.width)
-    return lr, upscale_picture(processor, lr, size=size, bits=picture.bits)
+    return small, upscale_picture(processor, small, size=size, bits=picture.bits)
 
 
 # --------------------------------------------------------------------------- batches
@@ -327,6 +398,26 @@ class Task:
     def compute(self, item: Item, picture: Picture) -> Result:
         raise NotImplementedError
 
+    def batch_key(self, item: Item, picture: Picture) -> Hashable | None:
+        """Pictures with equal keys may be computed together (None: never batched)."""
+        return None
+
+    def compute_many(
+        self, items: Sequence[Item], pictures: Sequence[Picture]
+    ) -> list[Result | Exception]:
+        """:meth:`compute` for pictures with one batch key; a failure is returned in its place.
+
+        Subclasses run the networks once for the whole group; if that fails
+        (out of memory, say) every picture is retried on its own.
+        """
+        out: list[Result | Exception] = []
+        for item, picture in zip(items, pictures, strict=True):
+            try:
+                out.append(self.compute(item, picture))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
     def save(self, item: Item, result: Result) -> None:
         pass
 
@@ -368,21 +459,61 @@ class _WritingTask(Task):
 class DownscaleTask(_WritingTask):
     action, label = "downscaled", "downscaling"
 
-    def compute(self, item: Item, picture: Picture) -> Result:
-        lr = downscale_picture(self.processor, picture)
-        record = _sizes_record(item, picture, lr)
-        return Result({"image": lr}, record, notes=[NOTE_16BIT] if picture.bits == 16 else [])
+    def compute(self, item: Item, picture: Picture, lr: torch.Tensor | None = None) -> Result:
+        small = downscale_picture(self.processor, picture, lr)
+        record = _sizes_record(item, picture, small)
+        return Result({"image": small}, record, notes=[NOTE_16BIT] if picture.bits == 16 else [])
+
+    def batch_key(self, item: Item, picture: Picture) -> Hashable | None:
+        return (picture.height, picture.width)
+
+    def compute_many(
+        self, items: Sequence[Item], pictures: Sequence[Picture]
+    ) -> list[Result | Exception]:
+        lrs = _batch_or_none(lambda: downscale_batch(self.processor, pictures), len(pictures))
+        if lrs is None:
+            return super().compute_many(items, pictures)
+        return [self.compute(i, p, lr) for i, p, lr in zip(items, pictures, lrs, strict=True)]
 
 
 class UpscaleTask(_WritingTask):
     action, label = "upscaled", "upscaling"
 
-    def compute(self, item: Item, picture: Picture) -> Result:
+    def compute(self, item: Item, picture: Picture, hr: torch.Tensor | None = None) -> Result:
         size, warning = restored_size(picture, self.processor.scale)
-        rec = upscale_picture(self.processor, picture, size)
+        rec = upscale_picture(self.processor, picture, size, hr=hr)
         return Result(
             {"image": rec}, _sizes_record(item, picture, rec), warnings=[warning] if warning else []
         )
+
+    def batch_key(self, item: Item, picture: Picture) -> Hashable | None:
+        return (picture.height, picture.width, restored_size(picture, self.processor.scale)[0])
+
+    def compute_many(
+        self, items: Sequence[Item], pictures: Sequence[Picture]
+    ) -> list[Result | Exception]:
+        s = self.processor.scale
+        size = restored_size(pictures[0], s)[0] or (pictures[0].height * s, pictures[0].width * s)
+        hrs = _batch_or_none(
+            lambda: upscale_batch(self.processor, [p.rgb for p in pictures], size), len(pictures)
+        )
+        if hrs is None:
+            return super().compute_many(items, pictures)
+        return [self.compute(i, p, hr) for i, p, hr in zip(items, pictures, hrs, strict=True)]
+
+
+def _batch_or_none(run: Callable[[], list[torch.Tensor]], count: int) -> list[torch.Tensor] | None:
+    """The batched result, or None when there is nothing to batch or the batch failed.
+
+    A failed batch (out of memory, one bad picture) falls back to one picture
+    at a time, so every picture gets its own result or error.
+    """
+    if count < 2:
+        return None
+    try:
+        return run()
+    except Exception:
+        return None
 
 
 def _sizes_record(item: Item, src: Picture, out: Picture) -> dict[str, Any]:
@@ -432,9 +563,38 @@ class RoundtripTask(Task):
             outputs["compare"] = self.out_dir / "compare" / name
         return outputs
 
-    def compute(self, item: Item, picture: Picture) -> Result:
+    def batch_key(self, item: Item, picture: Picture) -> Hashable | None:
+        return (picture.height, picture.width, picture.bits)
+
+    def compute_many(
+        self, items: Sequence[Item], pictures: Sequence[Picture]
+    ) -> list[Result | Exception]:
+        size = (pictures[0].height, pictures[0].width)
+
+        def both() -> list[torch.Tensor]:
+            lrs = downscale_batch(self.processor, pictures)
+            return lrs + upscale_batch(self.processor, lrs, size)
+
+        out = _batch_or_none(both, len(pictures))
+        if out is None:
+            return super().compute_many(items, pictures)
+        n = len(pictures)
+        return [
+            self.compute(i, p, lr, hr)
+            for i, p, lr, hr in zip(items, pictures, out[:n], out[n:], strict=True)
+        ]
+
+    def compute(
+        self,
+        item: Item,
+        picture: Picture,
+        lr: torch.Tensor | None = None,
+        hr: torch.Tensor | None = None,
+    ) -> Result:
         s = self.processor.scale
-        lr, rec = roundtrip_picture(self.processor, picture)
+        small = downscale_picture(self.processor, picture, lr)
+        size = (picture.height, picture.width)
+        rec = upscale_picture(self.processor, small, size=size, bits=picture.bits, hr=hr)
         psnr, ssim = measure(rec.rgb, picture.rgb, s)
         record: dict[str, Any] = {
             "file": item.rel,
@@ -443,7 +603,7 @@ class RoundtripTask(Task):
             "psnr": psnr,
             "ssim": ssim,
         }
-        images = {"lr": lr, "sr": rec}
+        images = {"lr": small, "sr": rec}
         if self.compare_bicubic or self.compare:
             key = _file_key(item.src, s)
             bicubic = None
@@ -516,55 +676,189 @@ def make_items(task: Task, inputs: Sequence[tuple[Path, Path]]) -> list[Item]:
     return items
 
 
-def run_batch(task: Task, items: Sequence[Item], reporter: Reporter) -> list[Outcome]:
-    """Process every item, one error line per failure; the batch always continues."""
-    start = time.perf_counter()
-    reporter.start(len(items), task.label)
-    outcomes: list[Outcome] = []
-    try:
-        for item in items:
-            outcome = _run_one(task, item, reporter)
-            if outcome.status == "failed":
-                reporter.error(item.rel, outcome.error or "failed")
-            reporter.advance(outcome)
-            outcomes.append(outcome)
-    finally:  # also on Ctrl-C: stop the progress bar and say what was done
-        reporter.finish(summarize(task.action, outcomes, time.perf_counter() - start))
-    return outcomes
+@dataclass
+class _Job:
+    """One item on its way through load -> compute -> save."""
+
+    item: Item
+    status: str = "pending"  # then "ok", "failed" or "skipped"
+    error: str | None = None
+    picture: Picture | None = None
+    result: Result | None = None
+    notes: list[str] = field(default_factory=list)
+    pixels: int = 0
+    seconds: float = 0.0
+
+    def fail(self, exc: BaseException) -> _Job:
+        self.status, self.error = "failed", _failure_message(exc)
+        self.picture = self.result = None
+        return self
+
+    @property
+    def weight(self) -> float:
+        """Pixels this job keeps in memory while it waits in a queue."""
+        if self.picture is not None:
+            return float(self.pixels)
+        if self.result is not None:
+            return float(sum(p.width * p.height for p in self.result.images.values()))
+        return 0.0
 
 
-def _run_one(task: Task, item: Item, reporter: Reporter) -> Outcome:
+def _failure_message(exc: BaseException) -> str:
+    """One line for the user; re-raises unexpected errors when CARCLI_DEBUG is set."""
+    if isinstance(exc, (ImageReadError, ImageWriteError, ProcessingError)):
+        return str(exc)
+    if is_oom(exc):
+        return "out of memory (try --tile with a smaller size, or --device cpu)"
+    if os.environ.get(DEBUG_ENV) or not isinstance(exc, Exception):
+        raise exc
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
+def _load(task: Task, item: Item) -> _Job:
+    """First stage (background thread): skip, fail early or decode."""
+    job = _Job(item)
     if item.error:
-        return Outcome(item, "failed", item.error)
+        job.status, job.error = "failed", item.error
+        return job
     if (
         task.skip_done
         and not task.overwrite
         and item.outputs
         and all(p.exists() for p in item.outputs.values())
     ):
-        return Outcome(item, "skipped")
+        job.status = "skipped"
+        return job
     start = time.perf_counter()
     try:
-        picture = task.load(item)
-        result = task.compute(item, picture)
-        for message in result.notes:
-            reporter.note(message)
-        for message in result.warnings:
-            reporter.warn(item.rel, message)
-        task.save(item, result)
-    except (ImageReadError, ImageWriteError, ProcessingError) as exc:
-        return Outcome(item, "failed", str(exc))
-    except torch.OutOfMemoryError:
-        return Outcome(item, "failed", "out of memory (try --device cpu, or a smaller image)")
-    except Exception as exc:  # one bad file must not stop a batch of thousands
-        if os.environ.get(DEBUG_ENV):
+        job.picture = task.load(item)
+    except Exception as exc:
+        return job.fail(exc)
+    finally:
+        job.seconds += time.perf_counter() - start
+    job.pixels = job.picture.width * job.picture.height
+    return job
+
+
+def _compute(task: Task, jobs: list[_Job]) -> None:
+    """Second stage (calling thread): the networks, for a group of equal-size pictures."""
+    start = time.perf_counter()
+    pictures = [j.picture for j in jobs]
+    results = task.compute_many([j.item for j in jobs], pictures)  # type: ignore[arg-type]
+    share = (time.perf_counter() - start) / len(jobs)
+    take_notes = getattr(task.processor, "take_notes", None)
+    jobs[0].notes += take_notes() if take_notes else []
+    for job, result in zip(jobs, results, strict=True):
+        job.seconds += share
+        job.picture = None  # free the input before the job waits for the writer
+        if isinstance(result, Exception):
+            job.fail(result)
+        else:
+            job.result = result
+
+
+def _save(task: Task, job: _Job) -> _Job:
+    """Third stage (background thread): encode and write atomically."""
+    if job.status != "pending" or job.result is None:
+        return job
+    start = time.perf_counter()
+    try:
+        task.save(job.item, job.result)
+        job.status = "ok"
+    except Exception as exc:
+        job.fail(exc)
+    finally:
+        job.seconds += time.perf_counter() - start
+    return job
+
+
+def _groups(task: Task, jobs: Iterator[tuple[Item, _Job]]) -> Iterator[list[_Job]]:
+    """Consecutive jobs whose pictures can share one pass of the networks.
+
+    Jobs that need no compute pass through alone. The group size comes from
+    the processor (1 on the CPU, where batching gains nothing).
+    """
+    held: _Job | None = None
+    while True:
+        if held is None:
+            entry = next(jobs, None)
+            if entry is None:
+                return
+            held = entry[1]
+        first, held = held, None
+        if first.picture is None:
+            yield [first]
+            continue
+        key = task.batch_key(first.item, first.picture)
+        limit = (
+            1
+            if key is None
+            else task.processor.max_batch(first.picture.height, first.picture.width)
+        )
+        group = [first]
+        while len(group) < limit:
+            entry = next(jobs, None)
+            if entry is None:
+                break
+            job = entry[1]
+            if job.picture is None or task.batch_key(job.item, job.picture) != key:
+                held = job
+                break
+            group.append(job)
+        yield group
+
+
+def run_batch(task: Task, items: Sequence[Item], reporter: Reporter) -> list[Outcome]:
+    """Process every item, one error line per failure; the batch always continues.
+
+    Decoding runs ahead and encoding/writing behind the compute in background
+    threads (bounded queues), so the CPU or GPU does not wait for file I/O.
+    Reports come in input order; every output is written once, atomically.
+    """
+    start = time.perf_counter()
+    reporter.start(len(items), task.label)
+    outcomes: list[Outcome] = []
+
+    def report(done: list[_Job]) -> None:
+        for job in done:
+            result = job.result
+            for message in job.notes + (result.notes if result else []):
+                reporter.note(message)
+            for message in result.warnings if result else []:
+                reporter.warn(job.item.rel, message)
+            outcome = Outcome(job.item, job.status, job.error, seconds=job.seconds)
+            if job.status == "ok" and result is not None:
+                outcome.record, outcome.pixels = result.record, job.pixels
+            if outcome.status == "failed":
+                reporter.error(job.item.rel, outcome.error or "failed")
+            reporter.advance(outcome)
+            outcomes.append(outcome)
+
+    loader = Prefetcher(items, functools.partial(_load, task), weight=lambda j: j.weight)
+    writer: OrderedWorker[_Job, _Job] = OrderedWorker(functools.partial(_save, task))
+    try:
+        try:
+            for group in _groups(task, iter(loader)):
+                if group[0].status == "pending":
+                    _compute(task, group)
+                for job in group:
+                    writer.submit(job, job.weight)
+                report(writer.finished())
+            writer.close()
+            report(writer.finished())
+        except BaseException:
+            # Ctrl-C or a debug re-raise: finish the file being written (atomically),
+            # start no other, and still report what was done.
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                report(writer.finished())
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return Outcome(item, "failed", f"{type(exc).__name__}: {first}".rstrip(": "))
-    pixels = picture.width * picture.height
-    return Outcome(
-        item, "ok", record=result.record, pixels=pixels, seconds=time.perf_counter() - start
-    )
+        finally:
+            loader.close()
+    finally:  # also on Ctrl-C: stop the progress bar and say what was done
+        reporter.finish(summarize(task.action, outcomes, time.perf_counter() - start))
+    return outcomes
 
 
 def summarize(action: str, outcomes: Sequence[Outcome], seconds: float) -> Summary:
