@@ -177,10 +177,17 @@ def save_checkpoint(model: CARModel, path: Path, metadata: dict | None = None) -
     tmp = Path(tmp_name)
     try:
         save_file(tensors, str(tmp), metadata=header)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is not
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
