@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 
 from carcli import __version__
@@ -71,6 +72,13 @@ class Scale(str, Enum):
     x4 = "4"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class LRFormat(str, Enum):
     png = "png"
     webp = "webp"
@@ -122,6 +130,44 @@ JsonOpt = Annotated[
     Path | None,
     typer.Option("--json", help="Also write a JSON report to FILE.", metavar="FILE"),
 ]
+TileOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--tile",
+        min=8,
+        help=(
+            "Tile side in output pixels (LR pixels for downscale, HR for upscale and "
+            "roundtrip). Large images run tile by tile with overlapping margins, so the "
+            "result matches the untiled one. Default: sized from free memory (RAM on the "
+            "CPU, at most 1 GiB per image; free GPU memory on CUDA, with smaller tiles "
+            "tried after an out-of-memory error)."
+        ),
+        show_default=False,
+    ),
+]
+PrecisionOpt = Annotated[
+    Precision,
+    typer.Option(
+        "--precision",
+        help=(
+            "Network arithmetic: fp32, bf16, or fp16 (CUDA only); auto: fp16 on CUDA, bf16 on "
+            "CPUs with native bfloat16 (AVX512-BF16/AMX), else fp32. The resampling op and "
+            "the last conv always run in float32 (see README, Performance)."
+        ),
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help=(
+            "CPU threads for the networks (default: torch's choice, one per core). On a "
+            "machine busy with other work, fewer threads than cores is faster."
+        ),
+        show_default=False,
+    ),
+]
 InputArg = Annotated[
     Path,
     typer.Argument(
@@ -155,10 +201,20 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _processor(weights: Path | None, scale: Scale, device: str) -> Processor:
+def _processor(
+    weights: Path | None,
+    scale: Scale,
+    device: str,
+    precision: Precision = Precision.auto,
+    tile: int | None = None,
+    threads: int | None = None,
+) -> Processor:
+    """The model on its device, tuned: channels-last, the precision, tiles, threads."""
     dev = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
     model, _ = load_model(weights, int(scale.value), dev)
-    return Processor(model, dev)
+    return Processor(model, dev, precision.value, tile=tile, channels_last=True)
 
 
 def _run(task: Task, source: Path, recursive: bool, quiet: bool) -> list[Outcome]:
@@ -255,6 +311,9 @@ def downscale(
         ),
     ] = False,
     quality: QualityOpt = 95,
+    tile: TileOpt = None,
+    precision: PrecisionOpt = Precision.auto,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     json_file: JsonOpt = None,
 ) -> None:
@@ -271,9 +330,8 @@ def downscale(
         out_dir, out_file, fmt_name = output_target(input, output, fmt.value if fmt else None)
         if not FORMATS[fmt_name][1] and not allow_lossy:
             raise UsageError(LOSSY_REFUSED.format(fmt=fmt_name.upper()))
-        task = DownscaleTask(
-            _processor(weights, scale, device), out_dir, out_file, fmt_name, quality, overwrite
-        )
+        processor = _processor(weights, scale, device, precision, tile, threads)
+        task = DownscaleTask(processor, out_dir, out_file, fmt_name, quality, overwrite)
         outcomes = _run(task, input, recursive, quiet)
     _exit(outcomes, _write_json(json_file, _batch_json("downscale", scale, outcomes)))
 
@@ -303,6 +361,9 @@ def upscale(
         ),
     ] = None,
     quality: QualityOpt = 95,
+    tile: TileOpt = None,
+    precision: PrecisionOpt = Precision.auto,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     json_file: JsonOpt = None,
 ) -> None:
@@ -316,9 +377,8 @@ def upscale(
     with _user_errors():
         check_paths(input, output, recursive)
         out_dir, out_file, fmt_name = output_target(input, output, fmt.value if fmt else None)
-        task = UpscaleTask(
-            _processor(weights, scale, device), out_dir, out_file, fmt_name, quality, overwrite
-        )
+        processor = _processor(weights, scale, device, precision, tile, threads)
+        task = UpscaleTask(processor, out_dir, out_file, fmt_name, quality, overwrite)
         outcomes = _run(task, input, recursive, quiet)
     _exit(outcomes, _write_json(json_file, _batch_json("upscale", scale, outcomes)))
 
@@ -357,6 +417,9 @@ def roundtrip(
             ),
         ),
     ] = False,
+    tile: TileOpt = None,
+    precision: PrecisionOpt = Precision.auto,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     json_file: JsonOpt = None,
 ) -> None:
@@ -381,9 +444,10 @@ def roundtrip(
             check_paths(input, output, recursive)
             if output.exists() and not output.is_dir():
                 raise UsageError(f"--output must be a folder, but {output} is a file")
-        task = RoundtripTask(
-            _processor(weights, scale, device), output, compare=compare, overwrite=overwrite
-        )
+        processor = _processor(weights, scale, device, precision, tile, threads)
+        if tile is not None:  # --tile counts HR pixels here: the image this command returns
+            processor.down_tile = max(1, tile // processor.scale)
+        task = RoundtripTask(processor, output, compare=compare, overwrite=overwrite)
         outcomes = _run(task, input, recursive, quiet)
     report = roundtrip_report(outcomes, int(scale.value))
     if not quiet and report["count"]:
