@@ -1,15 +1,18 @@
 """Downscale, upscale and round trip: on tensors, on pictures, and on folders of files.
 
-Three layers, so that later work (tiled inference, background decode/encode,
-batching) can replace one without touching the others or the CLI:
+Three layers, each replaceable without touching the others or the CLI:
 
-* :class:`Processor` runs a :class:`CARModel` on image tensors (float32,
-  ``torch.inference_mode``) and knows nothing about files;
+* :class:`Processor` runs a :class:`CARModel` on image tensors
+  (``torch.inference_mode``) and knows nothing about files; it runs large
+  images tile by tile in bounded memory and picks the precision
+  (:mod:`carcli.tiling`);
 * ``*_picture`` functions apply it to a :class:`Picture` (alpha, bit depth,
   the source-size note in the PNG text chunks);
 * :func:`run_batch` walks :class:`Item` s through a :class:`Task`
-  (load -> compute -> save), handles errors per file, skips finished outputs,
-  writes atomically and reports progress to a :class:`Reporter`.
+  (load -> compute -> save) with decoding and encoding in background threads
+  (:mod:`carcli.streaming`), batches equal-size images on a GPU, handles
+  errors per file, skips finished outputs, writes atomically and reports
+  progress, in input order, to a :class:`Reporter`.
 
 ``evaluate_folder`` (for training) and ``car roundtrip`` share one code path.
 The public one-call API (:func:`downscale`, :func:`upscale`, :func:`roundtrip`)
@@ -210,8 +213,20 @@ def bicubic_roundtrip(hr: torch.Tensor, scale: int, bits: int = 8) -> torch.Tens
     return quantize_bits(bicubic_upscale(lr, scale, size=tuple(hr.shape[-2:])), bits)
 
 
+# Rows per band when measuring large images: the metrics work in float64 on the
+# CPU, about ten maps of the image at once (2 GB for 24 MP); bands bound that.
+MEASURE_BAND_ROWS = 512
+
+
 def measure(pred: torch.Tensor, target: torch.Tensor, scale: int) -> tuple[float | None, float]:
-    """(Y-PSNR, Y-SSIM) with ``scale`` pixels shaved; None where the image is too small."""
+    """(Y-PSNR, Y-SSIM) with ``scale`` pixels shaved; None where the image is too small.
+
+    Tall images are measured in bands of rows (SSIM bands overlap by the window
+    less one, so every window is counted once): the same numbers up to float
+    summation order, in bounded memory.
+    """
+    if pred.shape[-2] - 2 * scale > 2 * MEASURE_BAND_ROWS:
+        return _measure_in_bands(pred, target, scale)
     try:
         psnr = metrics.psnr_y(pred, target, shave=scale)
     except ValueError:
@@ -221,6 +236,28 @@ def measure(pred: torch.Tensor, target: torch.Tensor, scale: int) -> tuple[float
     except ValueError:
         ssim = None
     return psnr, ssim
+
+
+def _measure_in_bands(pred: torch.Tensor, target: torch.Tensor, scale: int) -> tuple[float, float]:
+    pred = pred[..., scale : pred.shape[-2] - scale, scale : pred.shape[-1] - scale]
+    target = target[..., scale : target.shape[-2] - scale, scale : target.shape[-1] - scale]
+    height, width = pred.shape[-2:]
+    squared = 0.0  # sum of squared Y errors, from each band's PSNR
+    for start in range(0, height, MEASURE_BAND_ROWS):
+        rows = slice(start, min(height, start + MEASURE_BAND_ROWS))
+        psnr = metrics.psnr_y(pred[..., rows, :], target[..., rows, :])
+        mse = 0.0 if math.isinf(psnr) else metrics.PEAK**2 * 10 ** (-psnr / 10)
+        squared += mse * (rows.stop - rows.start) * width
+    mse = squared / (height * width)
+    psnr = math.inf if mse == 0 else 10 * math.log10(metrics.PEAK**2 / mse)
+    win = metrics.SSIM_WINDOW
+    total, windows = 0.0, 0
+    for start in range(0, height - win + 1, MEASURE_BAND_ROWS):
+        rows = slice(start, min(height, start + MEASURE_BAND_ROWS + win - 1))
+        count = (rows.stop - rows.start - win + 1) * (width - win + 1)
+        total += metrics.ssim_y(pred[..., rows, :], target[..., rows, :]) * count
+        windows += count
+    return psnr, total / windows
 
 
 # --------------------------------------------------------------------------- pictures

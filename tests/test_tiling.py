@@ -269,3 +269,17 @@ def test_pictures_of_any_size_roundtrip_through_tiles() -> None:
         rgb = torch.from_numpy(photo(h, w, seed=h).astype(np.float32) / 255).permute(2, 0, 1)
         lr, rec = processor.roundtrip(rgb)
         assert lr.shape == (3, -(-h // 4), -(-w // 4)) and rec.shape == (3, h, w)
+
+
+def test_large_images_are_measured_in_bands_with_the_same_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from carcli import metrics, pipeline
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 530, 97, generator=gen)
+    b = (a + 0.05 * torch.randn(a.shape, generator=gen)).clamp(0, 1)
+    whole = (metrics.psnr_y(a, b, shave=4), metrics.ssim_y(a, b, shave=4))
+    monkeypatch.setattr(pipeline, "MEASURE_BAND_ROWS", 100)
+    assert pipeline.measure(a, b, 4) == pytest.approx(whole, rel=1e-12)
+    assert pipeline.measure(a, a, 4) == (float("inf"), pytest.approx(1.0))
