@@ -232,10 +232,15 @@ class Footprint:
             [sr.tail, sr.add_mean], lambda: sr_tail(sr, feats[0], contextlib.nullcontext())
         )
         per = lambda n, px: SAFETY * size * n / px  # noqa: E731
+        s, taps = model.scale, model.config.kernel_size**2
+        # The resampler's three outputs (kernels, dX, dY: k*k values per LR pixel)
+        # are all alive at the end, and in float32 for the op (plus the half copies);
+        # the HR region is there three times (as given, padded to 8, reflect-padded).
+        outputs = 3 * taps / s**2 * (4 + (size if precision != "fp32" else 0))
         # The body also keeps the head output alive for its skip connection.
         body_px = lr.shape[-1] * lr.shape[-2]
         return cls(
-            resampler=per(res, probe * probe) + 3 * 4 * 2,  # + the float32 HR region, padded
+            resampler=per(res, probe * probe) + outputs + 3 * 3 * 4,
             sr_body=per(body, body_px) + size * model.config.sr.features,
             sr_up=per(up, body_px),
         )
