@@ -90,17 +90,38 @@ def build_processor(
 
 
 class Timed:
-    """Wraps the processor's two methods to add up the time spent in them."""
+    """Adds up the time in the processor's two methods and in the two networks' forwards.
+
+    ``seconds`` has the processor's ``downscale`` (resampler network, resampling
+    op, tiling) and ``upscale`` (EDSR, tiling); ``networks`` the forward passes
+    of the resampler network and of EDSR's stages alone.
+    """
 
     def __init__(self, processor: Processor) -> None:
         self.processor = processor
         self.seconds = {"downscale": 0.0, "upscale": 0.0}
+        self.networks = 0.0
         self._orig = {name: getattr(processor, name) for name in self.seconds}
+        self._hooks: list[Any] = []
+        self._started = 0.0
 
     def __enter__(self) -> Timed:
         for name, fn in self._orig.items():
             setattr(self.processor, name, self._wrap(name, fn))
+        model = self.processor.model
+        sr = model.sr
+        for module in (model.resampler, sr.sub_mean, sr.head, sr.body, *sr.tail, sr.add_mean):
+            self._hooks.append(module.register_forward_pre_hook(self._start))
+            self._hooks.append(module.register_forward_hook(self._stop))
         return self
+
+    def _start(self, *_: Any) -> None:
+        sync(self.processor.device)
+        self._started = time.perf_counter()
+
+    def _stop(self, *_: Any) -> None:
+        sync(self.processor.device)
+        self.networks += time.perf_counter() - self._started
 
     def _wrap(self, name: str, fn: Callable) -> Callable:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -116,6 +137,8 @@ class Timed:
     def __exit__(self, *exc: object) -> None:
         for name in self._orig:
             delattr(self.processor, name)  # back to the class's methods
+        for hook in self._hooks:
+            hook.remove()
 
 
 def sync(device: torch.device) -> None:
@@ -140,8 +163,9 @@ def pil_bicubic(files: list[Path], scale: int) -> tuple[float, float]:
     return down, up
 
 
-def compute_alone(processor: Processor, files: list[Path]) -> tuple[float, float]:
-    """Seconds of the processor's downscale and upscale, images decoded beforehand."""
+def compute_alone(processor: Processor, files: list[Path]) -> tuple[float, float, float]:
+    """Seconds of the processor's downscale and upscale (images decoded beforehand),
+    and of the network forward passes inside them."""
     with torch.inference_mode():  # warm-up: oneDNN/cuDNN pick their kernels on first use
         processor.upscale(processor.downscale(torch.rand(3, 64, 64)))
     with Timed(processor) as timed:
@@ -150,11 +174,13 @@ def compute_alone(processor: Processor, files: list[Path]) -> tuple[float, float
             lr = processor.downscale(picture.rgb)
             processor.upscale(lr, size=(picture.height, picture.width))
             del picture, lr
-    return timed.seconds["downscale"], timed.seconds["upscale"]
+    return timed.seconds["downscale"], timed.seconds["upscale"], timed.networks
 
 
-def pipelines(processor: Processor, folder: Path, work: Path) -> dict[str, dict[str, float]]:
-    """Wall time of the three commands' pipelines and the compute time inside them."""
+def pipelines(
+    processor: Processor, folder: Path, work: Path, names: list[str]
+) -> dict[str, dict[str, float]]:
+    """Wall time of the commands' pipelines and the compute time inside them."""
     reporter = ConsoleReporter(quiet=True)
     lr_dir, sr_dir = work / "lr", work / "sr"
     tasks = {
@@ -164,6 +190,8 @@ def pipelines(processor: Processor, folder: Path, work: Path) -> dict[str, dict[
     }
     out = {}
     for name, (task, source) in tasks.items():
+        if name not in names:
+            continue
         items = make_items(task, collect_inputs(source))
         with Timed(processor) as timed:
             start = time.perf_counter()
@@ -180,9 +208,12 @@ def run_scale(scale: int, files: list[Path], folder: Path, args: argparse.Namesp
     processor, what = build_processor(scale, args.weights, args)
     mp = sum(Image.open(f).size[0] * Image.open(f).size[1] for f in files) / 1e6
     pil_down, pil_up = pil_bicubic(files, scale)
-    down, up = compute_alone(processor, files)
+    down, up, nets = compute_alone(processor, files)
     with tempfile.TemporaryDirectory(prefix="carcli-bench-") as tmp:
-        pipe = pipelines(processor, folder, Path(tmp))
+        names = args.pipelines
+        if "upscale" in names and "downscale" not in names:
+            names = ["downscale", *names]  # upscale reads what downscale wrote
+        pipe = pipelines(processor, folder, Path(tmp), names)
     compute = {"downscale": down, "upscale": up, "roundtrip": down + up}
     rows = [
         ("PIL bicubic down", pil_down, None),
@@ -191,8 +222,9 @@ def run_scale(scale: int, files: list[Path], folder: Path, args: argparse.Namesp
         ("compute downscale (resampler + op)", down, None),
         ("compute upscale (EDSR)", up, None),
         ("compute roundtrip", down + up, None),
+        ("  of which network forward passes", nets, None),
     ]
-    for name in ("downscale", "upscale", "roundtrip"):
+    for name in pipe:
         label = f"car {name} pipeline" + (" (+ metrics)" if name == "roundtrip" else "")
         rows.append((label, pipe[name]["wall"], pipe[name]["wall"] / compute[name]))
     print(
@@ -204,7 +236,7 @@ def run_scale(scale: int, files: list[Path], folder: Path, args: argparse.Namesp
     for label, seconds, ratio in rows:
         r = f"{ratio:13.3f}" if ratio is not None else ""
         print(f"  {label:38s} {seconds:9.2f} {mp / seconds:8.3f} {r}")
-    for name in ("downscale", "upscale", "roundtrip"):
+    for name in pipe:
         inside = pipe[name]["compute"]
         print(
             f"  {name} pipeline: compute inside it {inside:.2f} s, "
@@ -298,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--limit", type=int, help="use only the first N images")
+    parser.add_argument(
+        "--pipelines",
+        type=lambda t: t.split(","),
+        default=["downscale", "upscale", "roundtrip"],
+        help="which command pipelines to time (comma-separated; default all three)",
+    )
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--make-folder", type=Path, help="write --count synthetic photos here")
     parser.add_argument("--make-photo", type=Path, help="write one synthetic photo here")

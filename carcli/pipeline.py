@@ -381,6 +381,13 @@ class Result:
     record: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    source: Picture | None = None  # the input, when :meth:`Task.finish` still needs it
+
+    @property
+    def pixels(self) -> int:
+        """Pixels this result keeps in memory (bounds the writer's queue)."""
+        pictures = [*self.images.values()] + ([self.source] if self.source else [])
+        return sum(p.width * p.height for p in pictures)
 
 
 @dataclass
@@ -454,6 +461,14 @@ class Task:
             except Exception as exc:
                 out.append(exc)
         return out
+
+    def finish(self, item: Item, result: Result) -> Result:
+        """Work after the networks that needs no device (metrics, say).
+
+        Runs in the writer's background thread, right before :meth:`save`, so it
+        overlaps the next image's compute.
+        """
+        return result
 
     def save(self, item: Item, result: Result) -> None:
         pass
@@ -628,19 +643,24 @@ class RoundtripTask(Task):
         lr: torch.Tensor | None = None,
         hr: torch.Tensor | None = None,
     ) -> Result:
-        s = self.processor.scale
         small = downscale_picture(self.processor, picture, lr)
         size = (picture.height, picture.width)
         rec = upscale_picture(self.processor, small, size=size, bits=picture.bits, hr=hr)
-        psnr, ssim = measure(rec.rgb, picture.rgb, s)
         record: dict[str, Any] = {
             "file": item.rel,
             "width": picture.width,
             "height": picture.height,
-            "psnr": psnr,
-            "ssim": ssim,
         }
-        images = {"lr": small, "sr": rec}
+        notes = [NOTE_16BIT] if picture.bits == 16 else []
+        return Result({"lr": small, "sr": rec}, record, notes=notes, source=picture)
+
+    def finish(self, item: Item, result: Result) -> Result:
+        """The metrics, the bicubic baseline and the comparison panel (no networks)."""
+        s, picture, rec = self.processor.scale, result.source, result.images["sr"]
+        assert picture is not None
+        record, images = result.record, result.images
+        psnr, ssim = measure(rec.rgb, picture.rgb, s)
+        record.update(psnr=psnr, ssim=ssim)
         if self.compare_bicubic or self.compare:
             key = _file_key(item.src, s)
             bicubic = None
@@ -655,13 +675,13 @@ class RoundtripTask(Task):
                 labels = _compare_labels(record, s)
                 panel = compare_panel(picture.rgb, bicubic, rec.rgb, labels)
                 images["compare"] = picture_from_array(panel)
-        notes = [NOTE_16BIT] if picture.bits == 16 else []
         if psnr is None or ssim is None:
-            notes.append(
+            result.notes.append(
                 f"images smaller than {2 * s + 11} px on a side get no SSIM "
                 f"(and below {2 * s + 1} px no PSNR) after shaving {s} px"
             )
-        return Result(images, record, notes=notes)
+        result.source = None
+        return result
 
     def save(self, item: Item, result: Result) -> None:
         for role, path in item.outputs.items():
@@ -736,9 +756,7 @@ class _Job:
         """Pixels this job keeps in memory while it waits in a queue."""
         if self.picture is not None:
             return float(self.pixels)
-        if self.result is not None:
-            return float(sum(p.width * p.height for p in self.result.images.values()))
-        return 0.0
+        return float(self.result.pixels) if self.result is not None else 0.0
 
 
 def _failure_message(exc: BaseException) -> str:
@@ -796,11 +814,12 @@ def _compute(task: Task, jobs: list[_Job]) -> None:
 
 
 def _save(task: Task, job: _Job) -> _Job:
-    """Third stage (background thread): encode and write atomically."""
+    """Third stage (background thread): finish (metrics), encode and write atomically."""
     if job.status != "pending" or job.result is None:
         return job
     start = time.perf_counter()
     try:
+        job.result = task.finish(job.item, job.result)
         task.save(job.item, job.result)
         job.status = "ok"
     except Exception as exc:
