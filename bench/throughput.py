@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -56,6 +57,7 @@ from carcli.pipeline import (
     resolve_device,
     run_batch,
 )
+from carcli.tiling import default_threads
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -345,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(default_threads())  # as car does
 
     if args.make_folder or args.make_photo:
         w, h = args.size

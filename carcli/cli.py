@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from enum import Enum
 from pathlib import Path
@@ -44,6 +45,7 @@ from carcli.pipeline import (
     roundtrip_report,
     run_batch,
 )
+from carcli.tiling import default_threads
 from carcli.train import commands as train_commands
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
@@ -162,8 +164,8 @@ ThreadsOpt = Annotated[
         "--threads",
         min=1,
         help=(
-            "CPU threads for the networks (default: torch's choice, one per core). On a "
-            "machine busy with other work, fewer threads than cores is faster."
+            "CPU threads for the networks. Default: the cores not already busy (by the "
+            "1-minute load average), at least 1; OMP_NUM_THREADS overrides it."
         ),
         show_default=False,
     ),
@@ -213,6 +215,8 @@ def _processor(
     dev = resolve_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
+    elif dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(default_threads())
     model, _ = load_model(weights, int(scale.value), dev)
     return Processor(model, dev, precision.value, tile=tile, channels_last=True)
 

@@ -199,6 +199,7 @@ def test_precision_choices() -> None:
         tiling.resolve_precision("fp16", cpu)
     with pytest.raises(tiling.PrecisionError):
         tiling.resolve_precision("fp8", cpu)
+    assert 1 <= tiling.default_threads() <= torch.get_num_threads()
 
 
 # --------------------------------------------------------------------------- OOM retry
