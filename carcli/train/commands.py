@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -49,6 +50,10 @@ def make_evaluator(folders: list[Path], device: torch.device):  # noqa: ANN201
         return out
 
     return evaluate
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def train(
@@ -125,6 +130,8 @@ def train(
     trainer = Trainer(cfg, run, dev, evaluate=evaluator, quiet=quiet)
     if resume:
         trainer.load_state()
+    # `kill` (SIGTERM) stops a background run as cleanly as Ctrl-C: state is saved first.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         trainer.run()
     except KeyboardInterrupt:
