@@ -52,10 +52,6 @@ def make_evaluator(folders: list[Path], device: torch.device):  # noqa: ANN201
     return evaluate
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def train(
     data: Annotated[list[Path], typer.Option("--data", help="Training image folder (repeatable).")],
     val: Annotated[list[Path], typer.Option("--val", help="Validation folder (repeatable).")],
@@ -130,14 +126,13 @@ def train(
     trainer = Trainer(cfg, run, dev, evaluate=evaluator, quiet=quiet)
     if resume:
         trainer.load_state()
-    # `kill` (SIGTERM) stops a background run as cleanly as Ctrl-C: state is saved first.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        trainer.run()
-    except KeyboardInterrupt:
-        trainer.save_state()
+    # Ctrl-C or `kill` (SIGTERM): finish the current step, save the state, stop.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: trainer.request_stop())
+    trainer.run()
+    if trainer.stop_requested:
         print(f"interrupted: state saved at step {trainer.step}", file=sys.stderr)
-        raise typer.Exit(130) from None
+        raise typer.Exit(130)
 
 
 def export(

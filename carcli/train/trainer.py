@@ -163,6 +163,11 @@ class Trainer:
         self.elapsed = 0.0  # training seconds over all invocations
         self.best_psnr = -math.inf
         self.history: list[dict] = []
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop after the current step (and save); safe from a signal handler."""
+        self.stop_requested = True
 
     # ---- persistence -------------------------------------------------
     def state_dict(self) -> dict:
@@ -296,6 +301,8 @@ class Trainer:
             if cfg.steps is not None and self.step >= cfg.steps:
                 break
             if stop_at is not None and self.step >= stop_at:
+                break
+            if self.stop_requested:
                 break
             if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
                 break
