@@ -187,7 +187,12 @@ class OrderedWorker(Generic[T, R]):
             self._buffer.put(job, weight)
         except _Closed:
             self._thread.join()
-            self.finished()  # raises the failure if one stopped the worker
+            # Raise what stopped the worker even when earlier results are still waiting
+            # to be taken; they stay queued for finished(), in order, before the failure.
+            with self._lock:
+                failure = next((e for e in self._done if isinstance(e, _Failure)), None)
+            if failure is not None:
+                raise failure.exc from None
             raise RuntimeError("submit() after close() or cancel()") from None
 
     def finished(self) -> list[R]:
