@@ -12,6 +12,7 @@ from typing import Annotated
 import torch
 import typer
 
+from carcli.pipeline import resolve_device
 from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, Trainer
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
@@ -29,12 +30,6 @@ def parse_duration(text: str) -> float:
         raise typer.BadParameter(f"cannot read duration {text!r} (use e.g. 2h30m, 45m, 90s)")
     h, mi, s = (float(g) if g else 0.0 for g in m.groups())
     return h * 3600 + mi * 60 + s
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def make_evaluator(folders: list[Path], device: torch.device):  # noqa: ANN201
@@ -93,7 +88,7 @@ def train(
     if scale not in (2, 4):
         raise typer.BadParameter("--scale must be 2 or 4")
     budget = parse_duration(time_budget) if time_budget else None
-    dev = pick_device(device)
+    dev = resolve_device(device)
     state = run / STATE_NAME
     if resume:
         if not state.exists():

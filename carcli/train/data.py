@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+from carcli.imageio import find_images
 
 
 def list_images(folders: list[Path]) -> list[Path]:
@@ -20,7 +20,7 @@ def list_images(folders: list[Path]) -> list[Path]:
             continue
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder")
-        paths += sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += find_images(folder, recursive=True)
     return paths
 
 
