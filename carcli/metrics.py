@@ -17,6 +17,8 @@ must handle it.
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -105,7 +107,21 @@ def _gaussian_1d(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _blur_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian average over every full 11x11 window (no padding)."""
+    """Separable Gaussian average over every full 11x11 window (no padding).
+
+    On the CPU, OpenCV's separable filter is about 25x faster than a float64
+    ``conv2d`` with the same sums (agreeing to about 1e-13), which makes SSIM
+    cheap next to the networks in ``car roundtrip``.
+    """
+    if x.device.type == "cpu":
+        kernel = g.numpy()
+        half = SSIM_WINDOW // 2
+        planes = [
+            cv2.sepFilter2D(plane.numpy(), -1, kernel, kernel, borderType=cv2.BORDER_REFLECT)
+            for plane in x.detach().reshape(-1, *x.shape[-2:]).contiguous()
+        ]
+        valid = torch.from_numpy(np.stack(planes))[:, half:-half, half:-half]
+        return valid.reshape(*x.shape[:-2], *valid.shape[-2:])
     x = F.conv2d(x, g.view(1, 1, -1, 1))
     return F.conv2d(x, g.view(1, 1, 1, -1))
 

@@ -340,7 +340,7 @@ def is_oom(exc: BaseException) -> bool:
 
 @dataclass
 class Tiles:
-    """Tile sides for one image: what a run uses, and what the user asked for."""
+    """Tile sides planned from a memory budget."""
 
     down: int  # LR pixels of output per downscale tile
     up: int  # HR pixels of output per (outer) upscale tile

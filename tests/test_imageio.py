@@ -159,6 +159,28 @@ def test_write_png_16bit_and_text_chunks(tmp_path: Path) -> None:
     assert read_image(tmp_path / "lr.png").text[imageio.SOURCE_SIZE_KEY] == "27x19"
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("with_alpha", [False, True])
+def test_png_encoder_is_exact_and_valid_with_text(tmp_path: Path, bits: int, with_alpha: bool):
+    """Our PNG writer (OpenCV + inserted tEXt chunks) against Pillow's and OpenCV's readers."""
+    gen = torch.Generator().manual_seed(bits + with_alpha)
+    rgb, alpha = torch.rand(3, 23, 31, generator=gen), torch.rand(1, 23, 31, generator=gen)
+    alpha = alpha if with_alpha else None
+    text = {imageio.SOURCE_SIZE_KEY: "123x89", imageio.SCALE_KEY: "4", "Comment": "caf\xe9"}
+    path = tmp_path / "out.png"
+    write_image(path, rgb, alpha, bits=bits, text=text)
+    with Image.open(path) as im:
+        im.verify()  # chunk CRCs and structure
+    with Image.open(path) as im:
+        assert im.text == text and im.size == (31, 23)
+    expected = to_array(rgb, alpha, bits)
+    decoded = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    channels = [2, 1, 0, 3] if with_alpha else [2, 1, 0]
+    np.testing.assert_array_equal(decoded[..., channels], expected)
+    assert decoded.dtype == (np.uint16 if bits == 16 else np.uint8)
+    assert read_image(path).text == text
+
+
 def test_lossless_webp_is_exact_even_under_transparent_pixels(tmp_path: Path) -> None:
     rgb = torch.round(torch.rand(3, 6, 8) * 255) / 255
     alpha = torch.zeros(1, 6, 8)  # fully transparent: lossy encoders would discard the colour
