@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carcli.models import CARModel, lr_size, pad_to_multiple, preset, quantize
+from carcli.models import CARModel, lr_size, normalize_kernels, pad_to_multiple, preset, quantize
+from carcli.models.resampler import ClampTowardRange
 from carcli.resize import bicubic_downscale
 
 
@@ -37,10 +38,13 @@ def test_pad_to_multiple_reflects_bottom_right():
 
 
 @pytest.mark.parametrize("scale", [2, 4])
-def test_bicubic_init_gives_bicubic_like_lr(scale):
+@pytest.mark.parametrize("start", ["init_as_bicubic", "reset_heads"])
+def test_bicubic_init_gives_bicubic_like_lr(scale, start):
     """A fresh resampler started as a cubic kernel is close to classical bicubic."""
     model = CARModel(preset("compact", scale))
-    model.resampler.init_as_bicubic()
+    if start == "reset_heads":  # saturate the kernel head first, as a collapsed model would be
+        model.resampler.kernels_weight[-1].bias.data.fill_(-5.0)
+    getattr(model.resampler, start)()
     y, x = torch.meshgrid(torch.linspace(0, 6, 64), torch.linspace(0, 9, 96), indexing="ij")
     img = torch.stack([torch.sin(x + y), torch.cos(x - 0.5 * y), torch.sin(0.7 * x * y / 6)])
     img = (img[None] * 0.4 + 0.5) + 0.02 * torch.rand(1, 3, 64, 96)
@@ -49,3 +53,25 @@ def test_bicubic_init_gives_bicubic_like_lr(scale):
     ref = quantize(bicubic_downscale(img, scale))
     mse = torch.mean((ours - ref)[..., 2:-2, 2:-2] ** 2)
     assert -10 * torch.log10(mse) > 38
+
+
+def test_kernel_clamp_passes_gradients_that_lead_back_into_range():
+    """Forward as clamp + normalise; backward keeps saturated taps trainable."""
+    gen = torch.Generator().manual_seed(7)
+    raw = (torch.randn(2, 9, 3, 4, generator=gen) * 0.8).requires_grad_()
+    kernels = normalize_kernels(raw)
+    clamped = raw.detach().clamp(1e-6, 1.0)
+    torch.testing.assert_close(kernels, clamped / clamped.sum(dim=1, keepdim=True))
+
+    # The clamp alone: +1 everywhere asks every tap to go down, -1 to go up.
+    below, above = raw.detach() < 1e-6, raw.detach() > 1.0
+    assert below.any() and above.any()
+    (down,) = torch.autograd.grad(ClampTowardRange.apply(raw, 1e-6, 1.0).sum(), raw)
+    (up,) = torch.autograd.grad(-ClampTowardRange.apply(raw, 1e-6, 1.0).sum(), raw)
+    assert torch.equal(down, (~below).float())  # taps below the range may not go lower
+    assert torch.equal(up, -(~above).float())  # taps above may not go higher
+
+    # Through the normalisation: asking a tap below the range for more weight reaches it.
+    n, t, i, j = below.nonzero()[0].tolist()
+    (grad,) = torch.autograd.grad(-normalize_kernels(raw)[n, t, i, j], raw)
+    assert grad[n, t, i, j] < 0

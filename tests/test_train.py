@@ -138,7 +138,7 @@ def test_regularisers_match_their_definitions():
                     if i + 1 < h:
                         expected_tv += abs(dx[n, t, i + 1, j] - dx[n, t, i, j]) * kern[n, t, i, j]
     assert float(offset_loss(dx, dy)) == pytest.approx(expected_offset / (b * h * w), rel=1e-4)
-    assert float(tv_loss(kern, dx, dy)) == pytest.approx(expected_tv / b, rel=1e-4)
+    assert float(tv_loss(kern, dx, dy)) == pytest.approx(expected_tv / (b * h * w), rel=1e-4)
 
 
 def test_schedule_and_durations():

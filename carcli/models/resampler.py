@@ -34,9 +34,33 @@ def _head(width: int, taps: int, tanh: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ClampTowardRange(torch.autograd.Function):
+    """``clamp`` forward; backward also passes gradients that lead back into the range.
+
+    A plain clamp gives zero gradient outside [lo, hi], so a kernel tap that
+    once falls below 1e-6 (or rises above 1) can never come back: in training
+    the kernels collapsed to a few saturated taps, a fixed point-sampling
+    filter. Letting through the gradients that point back into the range
+    keeps every tap trainable and changes nothing in the forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        # Gradient descent moves x by -grad: below lo only grad < 0 helps, above hi grad > 0.
+        blocked = ((x < ctx.lo) & (grad > 0)) | ((x > ctx.hi) & (grad < 0))
+        return grad.masked_fill(blocked, 0.0), None, None
+
+
 def normalize_kernels(raw: torch.Tensor) -> torch.Tensor:
     """Clamp to [1e-6, 1] and divide by the sum over taps: convex weights."""
-    k = raw.clamp(1e-6, 1.0)
+    k = ClampTowardRange.apply(raw, 1e-6, 1.0)
     return k / k.sum(dim=1, keepdim=True).clamp_min(1e-6)
 
 
@@ -79,6 +103,15 @@ class ResamplerNet(nn.Module):
         kernels = normalize_kernels(self.kernels_weight(k))
         o = self.offsets_trunk(x)
         return kernels, self.offsets_h_generation(o), self.offsets_v_generation(o)
+
+    @torch.no_grad()
+    def reset_heads(self) -> None:
+        """Fresh kernel and offset heads, started as bicubic (to revive collapsed heads)."""
+        for head in (self.kernels_weight, self.offsets_h_generation, self.offsets_v_generation):
+            for layer in head:
+                if isinstance(layer, nn.Conv2d):
+                    layer.reset_parameters()
+        self.init_as_bicubic()
 
     @torch.no_grad()
     def init_as_bicubic(self) -> None:

@@ -72,6 +72,10 @@ def train(
     soft_alpha: Annotated[float, typer.Option(help="Soft-round alpha (with soft).")] = 0.5,
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
     bicubic_init: Annotated[bool, typer.Option(help="Start the resampler as bicubic.")] = True,
+    reset_heads: Annotated[
+        bool,
+        typer.Option(help="With --init: fresh kernel/offset heads (bicubic start), rest kept."),
+    ] = False,
     precision: Annotated[str, typer.Option(help="bf16 (autocast) or fp32.")] = "bf16",
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.")] = True,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
@@ -111,6 +115,7 @@ def train(
             steps=steps, time_budget=budget, batch=batch, patch=patch, lr=lr, min_lr=min_lr,
             warmup=warmup, offset_weight=offset_weight, tv_weight=tv_weight,
             quant_grad=quant_grad, soft_alpha=soft_alpha, ema=ema, bicubic_init=bicubic_init,
+            reset_heads=reset_heads,
             init=str(init) if init else None, precision=precision, channels_last=channels_last,
             threads=threads, val_every=val_every, log_every=log_every,
             checkpoint_minutes=checkpoint_minutes, seed=seed,

@@ -57,8 +57,15 @@ def offset_loss(offsets_h: torch.Tensor, offsets_v: torch.Tensor) -> torch.Tenso
 def tv_loss(
     kernels: torch.Tensor, offsets_h: torch.Tensor, offsets_v: torch.Tensor
 ) -> torch.Tensor:
-    """Kernel-weighted partial total variation of the offsets, per batch item."""
+    """Kernel-weighted partial total variation of the offsets, per LR pixel.
+
+    Summed over taps and averaged over batch and pixels, like the offset term,
+    so its weight does not depend on the patch size. (A published port divides
+    by the batch size only; at 96 px patches and 4x that is 576x stronger, and
+    in our runs it flattened the offsets to constants and killed their heads.)
+    """
     kernels, offsets_h, offsets_v = kernels.float(), offsets_h.float(), offsets_v.float()
     dy_h = (offsets_v[..., :, 1:] - offsets_v[..., :, :-1]).abs() * kernels[..., :, :-1]
     dx_v = (offsets_h[..., 1:, :] - offsets_h[..., :-1, :]).abs() * kernels[..., :-1, :]
-    return (dy_h.sum() + dx_v.sum()) / kernels.shape[0]
+    b, _, h, w = kernels.shape
+    return (dy_h.sum() + dx_v.sum()) / (b * h * w)

@@ -48,6 +48,7 @@ class TrainConfig:
     soft_alpha: float = 0.5
     ema: float = 0.999  # 0 disables
     bicubic_init: bool = True
+    reset_heads: bool = False  # with init: fresh kernel/offset heads, started as bicubic
     init: str | None = None  # start from an inference checkpoint
     precision: str = "bf16"  # bf16 autocast for the networks, or fp32
     channels_last: bool = True
@@ -141,6 +142,8 @@ class Trainer:
             self.model, _ = load_model(Path(cfg.init), cfg.scale, device="cpu")
             if self.model.config.name != cfg.config and cfg.config != "from-init":
                 self._say(f"note: --init checkpoint uses config {self.model.config.name!r}")
+            if cfg.reset_heads:
+                self.model.resampler.reset_heads()
         else:
             self.model = CARModel(preset(cfg.config, cfg.scale))
             if cfg.bicubic_init:
