@@ -68,5 +68,5 @@ class CARModel(nn.Module):
         return self.upscale(quantize(self.downscale(hr)))[..., :h, :w]
 
     def parameter_counts(self) -> dict[str, int]:
-        count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  frozen (EMA) too
         return {"resampler": count(self.resampler), "sr": count(self.sr)}

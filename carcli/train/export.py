@@ -78,6 +78,7 @@ def export_run(run: Path, output: Path, which: str = "best", timing: bool = True
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     metadata = {k: v for k, v in metadata.items() if k not in ("format", "config", "scale")}
     metadata["source"] = f"carcli train ({which} of {run.name})"
+    metadata["parameters"] = model.parameter_counts()  # recounted: runs may predate a fix
     if timing:
         metadata["cpu_timing"] = cpu_timing(model)
     save_checkpoint(model, output, metadata)
