@@ -174,3 +174,24 @@ def test_export_run_from_state_and_best(train_dir: Path, tmp_path: Path):
     x = torch.rand(1, 3, 16, 24)
     with torch.no_grad():
         torch.testing.assert_close(model(x), trainer.ema.eval()(x), rtol=1e-6, atol=1e-6)
+
+
+def test_export_last_validates_weights_that_never_were(train_dir: Path, tmp_path: Path):
+    from carcli.train.export import export_run
+
+    cfg = _config(train_dir, steps=3, val_every=2)
+    trainer = Trainer(
+        cfg, tmp_path / "run", torch.device("cpu"),
+        evaluate=lambda m: {"Set": {"psnr": 20.0, "ssim": 0.5}}, quiet=True,
+    )  # fmt: skip
+    trainer.run()  # validated at step 2, stopped at step 3
+    seen = []
+
+    def evaluate(model):  # noqa: ANN001, ANN202
+        seen.append(model)
+        return {"Set": {"psnr": 23.0, "ssim": 0.6}}
+
+    meta = export_run(tmp_path / "run", tmp_path / "a.safetensors", "last", False, evaluate)
+    assert meta["steps"] == 3 and meta["validation"]["Set"]["psnr"] == 23.0 and len(seen) == 1
+    meta = export_run(tmp_path / "run", tmp_path / "b.safetensors", "last", False)
+    assert meta["validation"] == {}  # nothing measured for these weights: nothing claimed

@@ -156,8 +156,13 @@ def export(
         hint = " (no validation has run yet: try --which last)" if which == "best" else ""
         typer.echo(f"error: {source}: not found{hint}", err=True)
         raise typer.Exit(1)
+    evaluate = None
+    if which == "last":  # validate on the run's own --val folders if they are still there
+        saved = torch.load(source, map_location="cpu", weights_only=True)["config"]
+        folders = [Path(v) for v in saved.get("val", []) if Path(v).is_dir()]
+        evaluate = make_evaluator(folders, torch.device("cpu")) if folders else None
     try:
-        metadata = export_run(run, output, which, timing)
+        metadata = export_run(run, output, which, timing, evaluate)
     except WeightsError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from carcli.checkpoints import load_checkpoint, save_checkpoint
 from carcli.models import CARConfig, CARModel, preset
 from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, run_metadata
+
+Evaluate = Callable[[CARModel], dict]  # model -> {set name: {"psnr", "ssim"}}
 
 # A 2-megapixel photo (4:3), the size the issue's speed targets are stated for.
 TIMING_SIZE = (1224, 1632)
@@ -53,7 +56,7 @@ def cpu_timing(model: CARModel, threads: int | None = None, repeats: int = 2) ->
     return result
 
 
-def _from_state(run: Path) -> tuple[CARModel, dict]:
+def _from_state(run: Path, evaluate: Evaluate | None) -> tuple[CARModel, dict]:
     state = torch.load(run / STATE_NAME, map_location="cpu", weights_only=True)
     cfg = TrainConfig(**state["config"])
     config = (
@@ -63,17 +66,31 @@ def _from_state(run: Path) -> tuple[CARModel, dict]:
     )
     model = CARModel(config)
     model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    model.eval()
     vals = [h for h in state["history"] if h.get("event") == "val" and "sets" in h]
-    report = vals[-1]["sets"] if vals else None
-    return model.eval(), run_metadata(cfg, state["step"], state["elapsed"], model, report)
+    if vals and vals[-1]["step"] == state["step"]:
+        report = vals[-1]["sets"]
+    else:  # the latest weights were never validated: do it now, or record nothing
+        report = evaluate(model) if evaluate is not None else None
+    return model, run_metadata(cfg, state["step"], state["elapsed"], model, report)
 
 
-def export_run(run: Path, output: Path, which: str = "best", timing: bool = True) -> dict:
-    """Write ``output`` from the run's best validated weights or its latest (EMA) weights."""
+def export_run(
+    run: Path,
+    output: Path,
+    which: str = "best",
+    timing: bool = True,
+    evaluate: Evaluate | None = None,
+) -> dict:
+    """Write ``output`` from the run's best validated weights or its latest (EMA) weights.
+
+    ``evaluate`` validates the latest weights when no validation ran at their
+    step, so the recorded metrics always belong to the weights written.
+    """
     if which == "best":
         model, metadata = load_checkpoint(run / BEST_NAME)
     elif which == "last":
-        model, metadata = _from_state(run)
+        model, metadata = _from_state(run, evaluate)
     else:
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     metadata = {k: v for k, v in metadata.items() if k not in ("format", "config", "scale")}
