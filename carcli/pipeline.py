@@ -902,7 +902,10 @@ def run_batch(task: Task, items: Sequence[Item], reporter: Reporter) -> list[Out
                     writer.submit(job, job.weight)
                 report(writer.finished())
             writer.close()
-            report(writer.finished())
+            # finished() hands over the results before a failure and raises it on the
+            # next call, so drain until empty: a Ctrl-C in the last writes still counts.
+            while done := writer.finished():
+                report(done)
         except BaseException:
             # Ctrl-C or a debug re-raise: finish the file being written (atomically),
             # start no other, and still report what was done.

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -132,6 +133,8 @@ def test_interrupt_exits_130_and_leaves_no_partial_files(
 
     def replace_then_interrupt(a, b):  # Ctrl-C while the second output is being written
         calls.append(b)
+        if len(calls) == 1:  # a slow first write: the compute loop is done before it is
+            time.sleep(0.5)
         if len(calls) == 2:
             raise KeyboardInterrupt
         real_replace(a, b)
