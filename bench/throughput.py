@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import statistics
 import sys
@@ -57,7 +56,7 @@ from carcli.pipeline import (
     resolve_device,
     run_batch,
 )
-from carcli.tiling import default_threads
+from carcli.tiling import set_cpu_threads
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -345,10 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=parse_size, default=(1680, 1260), help="WxH")
     parser.add_argument("--psnr", type=Path, help="data set folder: PSNR per precision")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(default_threads())  # as car does
+    set_cpu_threads(args.threads)  # as car does
 
     if args.make_folder or args.make_photo:
         w, h = args.size

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 
 from carcli import __version__
@@ -45,7 +43,7 @@ from carcli.pipeline import (
     roundtrip_report,
     run_batch,
 )
-from carcli.tiling import default_threads
+from carcli.tiling import set_cpu_threads
 from carcli.train import commands as train_commands
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
@@ -213,10 +211,8 @@ def _processor(
 ) -> Processor:
     """The model on its device, tuned: channels-last, the precision, tiles, threads."""
     dev = resolve_device(device)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    elif dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(default_threads())
+    if threads is not None or dev.type == "cpu":
+        set_cpu_threads(threads)
     model, _ = load_model(weights, int(scale.value), dev)
     return Processor(model, dev, precision.value, tile=tile, channels_last=True)
 

@@ -167,6 +167,14 @@ def default_threads() -> int:
     return max(1, min(cores, round(cores - busy)))
 
 
+def set_cpu_threads(threads: int | None) -> None:
+    """Apply ``--threads``; without it, :func:`default_threads` unless OMP_NUM_THREADS is set."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(default_threads())
+
+
 # --------------------------------------------------------------------------- memory
 
 
