@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from carcli.models import CARModel, lr_size, normalize_kernels, pad_to_multiple, preset, quantize
+from carcli.models.layers import DownsampleBlock
 from carcli.models.resampler import ClampTowardRange
 from carcli.resize import bicubic_downscale
 
@@ -75,3 +76,19 @@ def test_kernel_clamp_passes_gradients_that_lead_back_into_range():
     n, t, i, j = below.nonzero()[0].tolist()
     (grad,) = torch.autograd.grad(-normalize_kernels(raw)[n, t, i, j], raw)
     assert grad[n, t, i, j] < 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_downsample_block_equals_unshuffle_then_1x1_conv(channels_last: bool) -> None:
+    """The strided-conv fast path is the authors' PixelUnshuffle + 1x1 conv, gradients too."""
+    block = DownsampleBlock(5, 7).double()
+    x = torch.randn(2, 5, 10, 14, dtype=torch.float64, requires_grad=True)
+    if channels_last:
+        block = block.to(memory_format=torch.channels_last)
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    reference = block.downsample(x)  # the container as the authors wrote it
+    torch.testing.assert_close(block(x), reference, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(block(x).square().sum(), [x, *block.parameters()])
+    ref_grads = torch.autograd.grad(reference.square().sum(), [x, *block.parameters()])
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
