@@ -261,12 +261,13 @@ def test_ordered_worker_hands_back_results_then_the_failure() -> None:
     worker = OrderedWorker(work, max_items=2)
     for i in range(3):
         worker.submit(i)
+    done: list[int] = []
     with pytest.raises(KeyboardInterrupt):
         worker.submit(3)
-        time.sleep(0.05)
-        done = worker.finished()  # the results before the failure come first
-        assert done == [0, 1, 4]
-        worker.submit(4)
+        while True:  # however the threads are scheduled: results first, then the failure
+            done += worker.finished()
+            time.sleep(0.005)
+    assert done == [0, 1, 4]
     worker.cancel()
     worker2 = OrderedWorker(lambda i: i + 1)
     for i in range(5):
