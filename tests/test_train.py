@@ -81,6 +81,25 @@ def test_resume_is_bit_identical(train_dir: Path, tmp_path: Path, precision: str
     assert [r["step"] for r in logs if r["event"] == "train"] == [2, 4, 6]
 
 
+def test_sr_pretrain_trains_only_edsr_first(train_dir: Path, tmp_path: Path):
+    cfg = _config(train_dir, steps=4, sr_pretrain=2)
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+
+    def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
+        return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+    resampler, sr = snapshot(trainer.model.resampler), snapshot(trainer.model.sr)
+    trainer.run(stop_at=2)
+    assert not changed(resampler, trainer.model.resampler)
+    assert changed(sr, trainer.model.sr)
+    trainer.run()  # joint from step 2 on
+    assert trainer.step == 4
+    assert changed(resampler, trainer.model.resampler)
+
+
 def test_export_round_trip(train_dir: Path, tmp_path: Path):
     cfg = _config(train_dir, steps=2)
     trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)

@@ -72,6 +72,10 @@ def train(
     soft_alpha: Annotated[float, typer.Option(help="Soft-round alpha (with soft).")] = 0.5,
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
     bicubic_init: Annotated[bool, typer.Option(help="Start the resampler as bicubic.")] = True,
+    sr_pretrain: Annotated[
+        int,
+        typer.Option(help="First N steps train only EDSR, on the initial resampler's output."),
+    ] = 0,
     reset_heads: Annotated[
         bool,
         typer.Option(help="With --init: fresh kernel/offset heads (bicubic start), rest kept."),
@@ -115,7 +119,7 @@ def train(
             steps=steps, time_budget=budget, batch=batch, patch=patch, lr=lr, min_lr=min_lr,
             warmup=warmup, offset_weight=offset_weight, tv_weight=tv_weight,
             quant_grad=quant_grad, soft_alpha=soft_alpha, ema=ema, bicubic_init=bicubic_init,
-            reset_heads=reset_heads,
+            reset_heads=reset_heads, sr_pretrain=sr_pretrain,
             init=str(init) if init else None, precision=precision, channels_last=channels_last,
             threads=threads, val_every=val_every, log_every=log_every,
             checkpoint_minutes=checkpoint_minutes, seed=seed,

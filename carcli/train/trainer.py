@@ -48,6 +48,7 @@ class TrainConfig:
     soft_alpha: float = 0.5
     ema: float = 0.999  # 0 disables
     bicubic_init: bool = True
+    sr_pretrain: int = 0  # first steps train the SR network alone on the initial resampler's LR
     reset_heads: bool = False  # with init: fresh kernel/offset heads, started as bicubic
     init: str | None = None  # start from an inference checkpoint
     precision: str = "bf16"  # bf16 autocast for the networks, or fp32
@@ -93,10 +94,19 @@ def _autocast(precision: str, device: torch.device):  # noqa: ANN202
 
 
 def training_losses(
-    model: CARModel, hr: torch.Tensor, cfg: TrainConfig, device: torch.device
+    model: CARModel,
+    hr: torch.Tensor,
+    cfg: TrainConfig,
+    device: torch.device,
+    freeze_resampler: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """One forward pass of the CAR pair on a batch of HR patches (sides multiples of 8)."""
-    with _autocast(cfg.precision, device):
+    """One forward pass of the CAR pair on a batch of HR patches (sides multiples of 8).
+
+    With ``freeze_resampler`` no gradient reaches the resampler (SR pre-training), so its
+    regularisers, constants then, are left out.
+    """
+    grad = contextlib.nullcontext() if not freeze_resampler else torch.no_grad()
+    with grad, _autocast(cfg.precision, device):
         kernels, offsets_h, offsets_v = model.resampler(hr)
     kernels, offsets_h, offsets_v = kernels.float(), offsets_h.float(), offsets_v.float()
     lr = resample(hr, kernels, offsets_h, offsets_v, model.scale)
@@ -108,6 +118,9 @@ def training_losses(
     l1 = F.l1_loss(sr.float(), hr)
     losses = {"l1": l1}
     total = l1
+    if freeze_resampler:
+        losses["total"] = total
+        return losses
     if cfg.offset_weight > 0:
         losses["offset"] = offset_loss(offsets_h, offsets_v)
         total = total + cfg.offset_weight * losses["offset"]
@@ -233,7 +246,8 @@ class Trainer:
         lr = lr_at(cfg, self.step, self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        losses = training_losses(self.model, hr, cfg, self.device)
+        pretraining = self.step < cfg.sr_pretrain  # Adam skips the resampler (no gradients)
+        losses = training_losses(self.model, hr, cfg, self.device, freeze_resampler=pretraining)
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if cfg.grad_clip > 0:
