@@ -162,8 +162,8 @@ ThreadsOpt = Annotated[
         "--threads",
         min=1,
         help=(
-            "CPU threads for the networks. Default: the cores not already busy (by the "
-            "1-minute load average), at least 1; OMP_NUM_THREADS overrides it."
+            "CPU threads for the networks. Default: the cores not busy with other processes "
+            "(sampled for 0.1 s at start), at least 1; OMP_NUM_THREADS overrides it."
         ),
         show_default=False,
     ),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,54 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
+def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) jiffies of ``cpus`` from /proc/stat, or None where there is none."""
+    busy = total = 0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if not name.startswith("cpu") or name == "cpu":
+                    continue
+                if int(name[3:]) not in cpus:
+                    continue
+                # user nice system idle iowait irq softirq steal
+                ticks = [int(v) for v in fields[:8]]
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy, total) if total else None
+
+
+def _own_ticks() -> float:
+    """CPU time of this process, all threads, in /proc/stat's clock ticks."""
+    t = os.times()
+    return (t.user + t.system) * os.sysconf("SC_CLK_TCK")
+
+
+def busy_cores(cpus: set[int], interval: float = 0.1) -> float:
+    """How many of ``cpus`` other processes keep busy now (sampled over ``interval`` seconds).
+
+    Sampled, not the load average: that lags by minutes, so a run started right after
+    another (a shell loop, a benchmark) would see its predecessor's load and use one thread.
+    Our own threads' time (torch's OpenMP workers may still be spinning) is not counted.
+    Falls back to the load average where /proc/stat cannot be read.
+    """
+    before = _cpu_times(cpus)  # None off Linux
+    if before is not None:
+        own_before = _own_ticks()
+        time.sleep(interval)
+        after, own_after = _cpu_times(cpus), _own_ticks()
+        if after is not None and after[1] > before[1]:
+            busy = after[0] - before[0] - (own_after - own_before)
+            return len(cpus) * max(busy, 0) / (after[1] - before[1])
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
+
+
 def default_threads() -> int:
     """CPU threads for the networks: the cores not already busy, at least one.
 
@@ -158,13 +207,12 @@ def default_threads() -> int:
     ``OMP_NUM_THREADS`` (or ``--threads``) overrides this.
     """
     cores = torch.get_num_threads()
-    with contextlib.suppress(OSError, AttributeError):
-        cores = min(cores, len(os.sched_getaffinity(0)))
     try:
-        busy = os.getloadavg()[0]
+        cpus = os.sched_getaffinity(0)
     except (OSError, AttributeError):
-        return cores
-    return max(1, min(cores, round(cores - busy)))
+        cpus = set(range(os.cpu_count() or cores))
+    cores = min(cores, len(cpus))
+    return max(1, min(cores, round(cores - busy_cores(cpus))))
 
 
 def set_cpu_threads(threads: int | None) -> None:

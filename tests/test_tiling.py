@@ -7,6 +7,10 @@ least 99.9 % of values equal and none more than one level apart.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,6 +204,29 @@ def test_precision_choices() -> None:
     with pytest.raises(tiling.PrecisionError):
         tiling.resolve_precision("fp8", cpu)
     assert 1 <= tiling.default_threads() <= torch.get_num_threads()
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
+def test_busy_cores_sees_a_process_spinning_now() -> None:
+    """A busy core counts while it is busy, not minutes later as the load average would."""
+    cpu = min(os.sched_getaffinity(0))
+    spin = f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\nt = time.time()\n"
+    spin += "while time.time() - t < 5: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        assert tiling.busy_cores({cpu}, interval=0.3) > 0.7
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_busy_cores_falls_back_to_the_load_average(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiling, "_cpu_times", lambda cpus: None)
+    monkeypatch.setattr(tiling.os, "getloadavg", lambda: (1.25, 0.0, 0.0))
+    assert tiling.busy_cores({0, 1}) == 1.25
+    monkeypatch.setattr(tiling, "busy_cores", lambda cpus, interval=0.1: len(cpus) - 0.4)
+    assert tiling.default_threads() == 1  # almost every core busy: still one thread
 
 
 # --------------------------------------------------------------------------- OOM retry
