@@ -163,7 +163,7 @@ def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
                 # user nice system idle iowait irq softirq steal
                 ticks = [int(v) for v in fields[:8]]
                 total += sum(ticks)
-                busy += sum(ticks) - ticks[3] - ticks[4]
+                busy += sum(ticks[:3]) + sum(ticks[5:])
     except (OSError, ValueError, IndexError):
         return None
     return (busy, total) if total else None
