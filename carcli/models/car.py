@@ -9,6 +9,7 @@ from torch import nn
 
 from carcli.models.config import CARConfig
 from carcli.models.edsr import EDSR
+from carcli.models.layers import MeanShift
 from carcli.models.resampler import SIZE_MULTIPLE, ResamplerNet
 from carcli.ops import resample
 from carcli.ops.reference import reflect_pad
@@ -68,5 +69,14 @@ class CARModel(nn.Module):
         return self.upscale(quantize(self.downscale(hr)))[..., :h, :w]
 
     def parameter_counts(self) -> dict[str, int]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  frozen (EMA) too
-        return {"resampler": count(self.resampler), "sr": count(self.sr)}
+        """Learned weights per network, frozen (EMA) copies included.
+
+        The mean-shift layers are constants stored as 1x1 convs (as in the authors'
+        files), so they are not counted: the figures match what the README quotes.
+        """
+        return {name: _learned_parameters(getattr(self, name)) for name in ("resampler", "sr")}
+
+
+def _learned_parameters(module: nn.Module) -> int:
+    fixed = {id(p) for m in module.modules() if isinstance(m, MeanShift) for p in m.parameters()}
+    return sum(p.numel() for p in module.parameters() if id(p) not in fixed)
