@@ -219,3 +219,33 @@ def test_export_last_validates_weights_that_never_were(train_dir: Path, tmp_path
     assert meta["steps"] == 3 and meta["validation"]["Set"]["psnr"] == 23.0 and len(seen) == 1
     meta = export_run(tmp_path / "run", tmp_path / "b.safetensors", "last", False)
     assert meta["validation"] == {}  # nothing measured for these weights: nothing claimed
+
+
+def test_progress_display_on_a_terminal(train_dir: Path, tmp_path: Path):
+    """On a terminal `car train` shows a live bar with step, loss, speed and best validation."""
+    import io
+
+    from rich.console import Console
+
+    from carcli.train.progress import RichTrainDisplay, TrainDisplay, make_display
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160, color_system=None)
+    display = make_display(quiet=False, console=console)
+    assert isinstance(display, RichTrainDisplay)
+    cfg = _config(train_dir, steps=4, val_every=2)
+    scores = iter([20.5, 21.25])
+    trainer = Trainer(
+        cfg, tmp_path / "run", torch.device("cpu"),
+        evaluate=lambda m: {"Set": {"psnr": next(scores), "ssim": 0.5}}, display=display,
+    )  # fmt: skip
+    trainer.run()
+    text = out.getvalue()
+    assert "training tiny 2x from step 0" in text
+    assert "step 2: Set 20.500 dB / 0.5000 (best)" in text  # validation lines above the bar
+    assert "step 4 · L1 " in text and "patches/s · best 21.250 dB" in text
+    assert "100%" in text and "stopped at step 4" in text
+    # Not a terminal (a log file under nohup) or --quiet: no live display.
+    plain = Console(file=io.StringIO(), force_terminal=False)
+    assert type(make_display(quiet=False, console=plain)) is TrainDisplay
+    assert make_display(quiet=True, console=console).quiet

@@ -13,6 +13,7 @@ import torch
 import typer
 
 from carcli.pipeline import resolve_device
+from carcli.train.progress import make_display
 from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, Trainer
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
@@ -88,7 +89,12 @@ def train(
     checkpoint_minutes: Annotated[float, typer.Option(help="Save state every N minutes.")] = 5.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No progress bar or messages (the JSON log is still written)."
+        ),
+    ] = False,
 ) -> None:
     """Train a CAR pair (resampler + EDSR) jointly; resumable, validated, exportable."""
     if patch % 8:
@@ -127,7 +133,7 @@ def train(
     if cfg.steps is None and cfg.time_budget is None:
         raise typer.BadParameter("give --steps or --time-budget")
     evaluator = make_evaluator([Path(v) for v in cfg.val], dev) if cfg.val else None
-    trainer = Trainer(cfg, run, dev, evaluate=evaluator, quiet=quiet)
+    trainer = Trainer(cfg, run, dev, evaluate=evaluator, quiet=quiet, display=make_display(quiet))
     if resume:
         trainer.load_state()
     # Ctrl-C or `kill` (SIGTERM): finish the current step, save the state, stop.

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from carcli.models import CARModel, preset
 from carcli.ops import resample
 from carcli.train.data import PatchSampler
 from carcli.train.losses import offset_loss, quantize_for_training, tv_loss
+from carcli.train.progress import TrainDisplay, status_line
 
 STATE_NAME = "state.pt"
 BEST_NAME = "best.safetensors"
@@ -139,12 +139,14 @@ class Trainer:
         device: torch.device,
         evaluate: Callable[[CARModel], dict] | None = None,
         quiet: bool = False,
+        display: TrainDisplay | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = device
         self.evaluate = evaluate
         self.quiet = quiet
+        self.display = display or TrainDisplay(quiet)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,8 +224,7 @@ class Trainer:
 
     # ---- logging -----------------------------------------------------
     def _say(self, msg: str) -> None:
-        if not self.quiet:
-            print(msg, file=sys.stderr, flush=True)
+        self.display.say(msg)
 
     def _log(self, record: dict) -> None:
         with open(self.run_dir / LOG_NAME, "a") as f:
@@ -305,28 +306,41 @@ class Trainer:
         cfg = self.cfg
         if cfg.steps is None and cfg.time_budget is None:
             raise ValueError("give --steps or --time-budget")
-        start = time.monotonic()
-        last_save = start
-        window: list[float] = []
-        window_t = time.monotonic()
         self._say(
             f"training {cfg.config} {cfg.scale}x from step {self.step}: "
             f"{len(self.sampler.images)} images ({self.sampler.pixels / 1e6:.1f} MP), "
             f"batch {cfg.batch} x {cfg.patch}px, {cfg.precision}"
         )
-        while True:
-            if cfg.steps is not None and self.step >= cfg.steps:
-                break
-            if stop_at is not None and self.step >= stop_at:
-                break
-            if self.stop_requested:
-                break
-            if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
-                break
+        self.display.start(f"{cfg.scale}x {cfg.config}", total=1.0, completed=self.progress())
+        try:
+            self._train_until(stop_at)
+        finally:
+            self.display.stop()
+        self.save_state()
+        self._say(f"stopped at step {self.step} ({self.elapsed / 60:.1f} min of training)")
+
+    def _finished(self, stop_at: int | None) -> bool:
+        cfg = self.cfg
+        return (
+            (cfg.steps is not None and self.step >= cfg.steps)
+            or (stop_at is not None and self.step >= stop_at)
+            or self.stop_requested
+            or (cfg.time_budget is not None and self.elapsed >= cfg.time_budget)
+        )
+
+    def _train_until(self, stop_at: int | None) -> None:
+        cfg = self.cfg
+        last_save = window_t = time.monotonic()
+        window: list[float] = []
+        smooth_l1 = smooth_rate = math.nan  # for the live display
+        while not self._finished(stop_at):
             t0 = time.monotonic()
             losses = self.train_step()
-            self.elapsed += time.monotonic() - t0
+            seconds = time.monotonic() - t0
+            self.elapsed += seconds
             window.append(losses["l1"])
+            smooth_l1 = _smooth(smooth_l1, losses["l1"], 0.02)
+            smooth_rate = _smooth(smooth_rate, cfg.batch / max(seconds, 1e-9), 0.1)
             if self.step % cfg.log_every == 0:
                 now = time.monotonic()
                 rate = cfg.log_every * cfg.batch / max(now - window_t, 1e-9)
@@ -338,8 +352,15 @@ class Trainer:
                 window, window_t = [], now
             if cfg.val_every and self.step % cfg.val_every == 0:
                 self.validate()
+            self.display.update(
+                self.progress(),
+                status_line(self.step, smooth_l1, losses["lr"], smooth_rate, self.best_psnr),
+            )
             if time.monotonic() - last_save >= cfg.checkpoint_minutes * 60:
                 self.save_state()
                 last_save = time.monotonic()
-        self.save_state()
-        self._say(f"stopped at step {self.step} ({self.elapsed / 60:.1f} min of training)")
+
+
+def _smooth(average: float, value: float, weight: float) -> float:
+    """Exponential moving average that starts at the first value."""
+    return value if math.isnan(average) else (1 - weight) * average + weight * value
