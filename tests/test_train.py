@@ -249,3 +249,36 @@ def test_progress_display_on_a_terminal(train_dir: Path, tmp_path: Path):
     plain = Console(file=io.StringIO(), force_terminal=False)
     assert type(make_display(quiet=False, console=plain)) is TrainDisplay
     assert make_display(quiet=True, console=console).quiet
+
+
+def test_car_train_and_export_commands(train_dir: Path, tmp_path: Path):
+    """The `car train` / `car export` wrappers: a run, its resume, and the exported file."""
+    from typer.testing import CliRunner
+
+    from carcli.cli import app
+
+    val = tmp_path / "val"
+    val.mkdir()
+    Image.fromarray(_smooth_image(np.random.default_rng(), 24, 40)).save(val / "v.png")
+    run = tmp_path / "run"
+    common = ["--data", str(train_dir), "--val", str(val), "--run", str(run), "--quiet"]
+    options = ["--scale", "2", "--config", "tiny", "--patch", "32", "--batch", "2"]
+    first = [*options, "--steps", "3", "--val-every", "2", "--precision", "fp32"]
+    invoke = CliRunner().invoke
+    result = invoke(app, ["train", *common, *first])
+    assert result.exit_code == 0, result.output
+    again = invoke(app, ["train", *common, *first])
+    assert again.exit_code == 2 and "pass --resume" in again.stderr
+    result = invoke(app, ["train", *common, "--resume", "--steps", "5", "--val-every", "2"])
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (run / LOG_NAME).read_text().splitlines()]
+    assert [r["step"] for r in log if r["event"] == "val"] == [2, 4]
+    # Stopped at step 5, never validated there: export measures those weights on --val.
+    out = tmp_path / "x2.safetensors"
+    result = invoke(app, ["export", str(run), str(out), "--which", "last", "--no-timing"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    model, meta = load_checkpoint(out)
+    assert summary["steps"] == meta["steps"] == 5 and model.scale == 2
+    assert meta["validation"]["val"]["psnr"] == summary["validation"]["val"]["psnr"] > 10
+    assert meta["recipe"]["steps"] == 5 and meta["training_data"] == [str(train_dir)]

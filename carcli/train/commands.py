@@ -166,13 +166,15 @@ def export(
         hint = " (no validation has run yet: try --which last)" if which == "best" else ""
         typer.echo(f"error: {source}: not found{hint}", err=True)
         raise typer.Exit(1)
-    evaluate = None
-    if which == "last":  # validate on the run's own --val folders if they are still there
+
+    def validate_latest(model) -> dict | None:  # noqa: ANN001
+        """Called only when the latest weights were never validated: the run's --val folders."""
         saved = torch.load(source, map_location="cpu", weights_only=True)["config"]
         folders = [Path(v) for v in saved.get("val", []) if Path(v).is_dir()]
-        evaluate = make_evaluator(folders, torch.device("cpu")) if folders else None
+        return make_evaluator(folders, torch.device("cpu"))(model) if folders else None
+
     try:
-        metadata = export_run(run, output, which, timing, evaluate)
+        metadata = export_run(run, output, which, timing, validate_latest)
     except WeightsError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
