@@ -22,6 +22,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from carcli.console import stderr_console
+
 
 class TrainDisplay:
     """Plain stderr lines: the start, each validation, the stop (nothing with ``quiet``)."""
@@ -34,7 +36,7 @@ class TrainDisplay:
             print(message, file=sys.stderr, flush=True)
 
     def start(self, label: str, total: float, completed: float) -> None:
-        """``total`` and ``completed`` are steps, or training seconds for a time budget."""
+        """``completed`` of ``total``: the trainer passes the schedule position in [0, 1]."""
 
     def update(self, completed: float, status: str) -> None:
         pass
@@ -82,7 +84,7 @@ def make_display(quiet: bool, console: Console | None = None) -> TrainDisplay:
     """The live display on a terminal, plain lines otherwise (a log file, a pipe)."""
     if quiet:
         return TrainDisplay(quiet=True)
-    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    console = console or stderr_console()
     return RichTrainDisplay(console) if console.is_terminal else TrainDisplay()
 
 
