@@ -282,3 +282,34 @@ def test_car_train_and_export_commands(train_dir: Path, tmp_path: Path):
     assert summary["steps"] == meta["steps"] == 5 and model.scale == 2
     assert meta["validation"]["val"]["psnr"] == summary["validation"]["val"]["psnr"] > 10
     assert meta["recipe"]["steps"] == 5 and meta["training_data"] == [str(train_dir)]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_trains_in_bf16_only_where_native(
+    train_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+):
+    """Emulated bfloat16 is many times slower than fp32: `auto` must not pick it."""
+    from typer.testing import CliRunner
+
+    from carcli.cli import app
+    from carcli.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert trainer_module.training_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert trainer_module.training_precision("FP32", cpu) == "fp32"
+    assert trainer_module.training_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        trainer_module.training_precision("fp16", cpu)
+
+    run = tmp_path / "run"
+    args = ["train", "--scale", "2", "--config", "tiny", "--patch", "32", "--batch", "2"]
+    args += ["--data", str(train_dir), "--val", str(train_dir), "--val-every", "0"]
+    args += ["--run", str(run), "--steps", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    saved = torch.load(run / "state.pt", map_location="cpu", weights_only=True)["config"]
+    assert saved["precision"] == ("bf16" if native else "fp32")  # the resolved one is recorded
+    assert saved["channels_last"] is native  # channels-last goes with bf16 unless asked for
+    bad = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "bad"), "--precision", "fp16"])
+    assert bad.exit_code == 2 and "--precision" in bad.output

@@ -14,7 +14,13 @@ import typer
 
 from carcli.pipeline import resolve_device
 from carcli.train.progress import make_display
-from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, Trainer
+from carcli.train.trainer import (
+    BEST_NAME,
+    STATE_NAME,
+    TrainConfig,
+    Trainer,
+    training_precision,
+)
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
@@ -81,8 +87,22 @@ def train(
         bool,
         typer.Option(help="With --init: fresh kernel/offset heads (bicubic start), rest kept."),
     ] = False,
-    precision: Annotated[str, typer.Option(help="bf16 (autocast) or fp32.")] = "bf16",
-    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.")] = True,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto: bf16 autocast where the device computes bfloat16 natively (CUDA, "
+            "AVX512-BF16/AMX CPUs), else fp32; or bf16, fp32."
+        ),
+    ] = "auto",
+    channels_last: Annotated[
+        bool | None,
+        typer.Option(
+            "--channels-last/--no-channels-last",
+            help="Channels-last memory format (default: with bf16 only; in fp32 on an AVX2 "
+            "CPU it was slower).",
+            show_default=False,
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
     val_every: Annotated[int, typer.Option(help="Validate every N steps (0: never).")] = 1000,
     log_every: Annotated[int, typer.Option(help="Log a JSON line every N steps.")] = 50,
@@ -117,6 +137,12 @@ def train(
         cfg.val_every, cfg.log_every = val_every, log_every
         cfg.checkpoint_minutes = checkpoint_minutes
     else:
+        try:
+            precision = training_precision(precision, dev)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--precision") from None
+        if channels_last is None:
+            channels_last = precision == "bf16"
         if state.exists():
             typer.echo(f"error: {state} exists: pass --resume, or choose another --run", err=True)
             raise typer.Exit(2)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from carcli.models import CARModel, preset
 from carcli.ops import resample
+from carcli.tiling import cpu_has_bf16
 from carcli.train.data import PatchSampler
 from carcli.train.losses import offset_loss, quantize_for_training, tv_loss
 from carcli.train.progress import TrainDisplay, status_line
@@ -51,7 +52,7 @@ class TrainConfig:
     sr_pretrain: int = 0  # first steps train the SR network alone on the initial resampler's LR
     reset_heads: bool = False  # with init: fresh kernel/offset heads, started as bicubic
     init: str | None = None  # start from an inference checkpoint
-    precision: str = "bf16"  # bf16 autocast for the networks, or fp32
+    precision: str = "bf16"  # bf16 autocast for the networks, or fp32 (see training_precision)
     channels_last: bool = True
     threads: int | None = None
     val_every: int = 1000
@@ -84,6 +85,23 @@ def run_metadata(
         "parameters": model.parameter_counts(),
         "validation": report or {},
     }
+
+
+def training_precision(spec: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device computes it natively, else fp32.
+
+    On a CPU without AVX512-BF16/AMX, bfloat16 is emulated: a 4x training step
+    took 10-14x longer than in fp32 on such a machine (``bench/train_step.py``). fp16 is
+    not offered: it would need loss scaling, and bf16 does as well where it exists.
+    """
+    spec = spec.lower()
+    if spec not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"training precision must be auto, bf16 or fp32, got {spec!r}")
+    if spec != "auto":
+        return spec
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
 def _autocast(precision: str, device: torch.device):  # noqa: ANN202
