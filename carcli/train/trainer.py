@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from carcli.models import CARModel, preset
 from carcli.ops import resample
-from carcli.tiling import cpu_has_bf16
+from carcli.tiling import default_precision
 from carcli.train.data import PatchSampler
 from carcli.train.losses import offset_loss, quantize_for_training, tv_loss
 from carcli.train.progress import TrainDisplay, status_line
@@ -99,9 +99,9 @@ def training_precision(spec: str, device: torch.device) -> str:
         raise ValueError(f"training precision must be auto, bf16 or fp32, got {spec!r}")
     if spec != "auto":
         return spec
-    if device.type == "cuda":
+    if device.type == "cuda":  # bf16, not the fp16 that inference picks there
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    return default_precision(device)
 
 
 def _autocast(precision: str, device: torch.device):  # noqa: ANN202
