@@ -60,6 +60,30 @@ def test_loss_decreases(train_dir: Path, tmp_path: Path):
     assert len(trainer.sampler.skipped) == 1
 
 
+def test_mse_loss_optimises_the_squared_error(train_dir: Path, tmp_path: Path):
+    """--loss mse: the objective is the mean squared error (what PSNR measures); L1 is still
+    reported, and the same forward pass gives both (mean|e|^2 <= mean e^2, Jensen)."""
+    from carcli.train.trainer import training_losses
+
+    cfg = _config(train_dir, steps=25, lr=3e-3, loss="mse", offset_weight=0.0, tv_weight=0.0)
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    fixed = trainer.sampler.batch(8)
+    with torch.no_grad():
+        before = training_losses(trainer.model, fixed, cfg, torch.device("cpu"))
+    assert before["total"] is before["mse"]
+    assert float(before["l1"]) ** 2 <= float(before["mse"]) <= float(before["l1"])  # |e| <= 1
+    l1_cfg = _config(train_dir, loss="l1", offset_weight=0.0, tv_weight=0.0)
+    with torch.no_grad():
+        as_l1 = training_losses(trainer.model, fixed, l1_cfg, torch.device("cpu"))
+    assert float(as_l1["total"]) == float(before["l1"]) and "mse" not in as_l1
+    trainer.run()
+    with torch.no_grad():
+        after = training_losses(trainer.model, fixed, cfg, torch.device("cpu"))
+    assert float(after["mse"]) < 0.6 * float(before["mse"]), (before, after)
+    with pytest.raises(ValueError, match="l1 or mse"):
+        training_losses(trainer.model, fixed, _config(train_dir, loss="l2"), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_is_bit_identical(train_dir: Path, tmp_path: Path, precision: str):
     cfg = _config(train_dir, steps=6, precision=precision)
@@ -314,3 +338,5 @@ def test_auto_precision_trains_in_bf16_only_where_native(
     assert saved["channels_last"] is native  # channels-last goes with bf16 unless asked for
     bad = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "bad"), "--precision", "fp16"])
     assert bad.exit_code == 2 and "--precision" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "bad"), "--loss", "l2"])
+    assert bad.exit_code == 2 and "--loss" in bad.output

@@ -75,6 +75,13 @@ def train(
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 200,
     offset_weight: Annotated[float, typer.Option(help="Offset regulariser weight.")] = 0.001,
     tv_weight: Annotated[float, typer.Option(help="TV regulariser weight.")] = 0.005,
+    loss: Annotated[
+        str,
+        typer.Option(
+            help="Reconstruction loss: l1 (the paper's), or mse, which is what PSNR measures "
+            "(for a final fine-tune)."
+        ),
+    ] = "l1",
     quant_grad: Annotated[str, typer.Option(help="Rounding gradient: ste or soft.")] = "ste",
     soft_alpha: Annotated[float, typer.Option(help="Soft-round alpha (with soft).")] = 0.5,
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
@@ -121,6 +128,8 @@ def train(
         raise typer.BadParameter("--patch must be a multiple of 8")
     if scale not in (2, 4):
         raise typer.BadParameter("--scale must be 2 or 4")
+    if loss not in ("l1", "mse"):
+        raise typer.BadParameter("--loss must be l1 or mse")
     budget = parse_duration(time_budget) if time_budget else None
     dev = resolve_device(device)
     state = run / STATE_NAME
@@ -149,7 +158,7 @@ def train(
         cfg = TrainConfig(
             scale=scale, data=[str(d) for d in data], val=[str(v) for v in val], config=config,
             steps=steps, time_budget=budget, batch=batch, patch=patch, lr=lr, min_lr=min_lr,
-            warmup=warmup, offset_weight=offset_weight, tv_weight=tv_weight,
+            warmup=warmup, offset_weight=offset_weight, tv_weight=tv_weight, loss=loss,
             quant_grad=quant_grad, soft_alpha=soft_alpha, ema=ema, bicubic_init=bicubic_init,
             reset_heads=reset_heads, sr_pretrain=sr_pretrain,
             init=str(init) if init else None, precision=precision, channels_last=channels_last,

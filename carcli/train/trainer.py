@@ -45,6 +45,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     offset_weight: float = 0.001
     tv_weight: float = 0.005
+    loss: str = "l1"  # reconstruction loss: "l1" (the paper's) or "mse" (PSNR's own, to fine-tune)
     quant_grad: str = "ste"  # "ste" or "soft"
     soft_alpha: float = 0.5
     ema: float = 0.999  # 0 disables
@@ -133,9 +134,16 @@ def training_losses(
         lr_q = lr_q.contiguous(memory_format=torch.channels_last)
     with _autocast(cfg.precision, device):
         sr = model.sr(lr_q)
-    l1 = F.l1_loss(sr.float(), hr)
-    losses = {"l1": l1}
-    total = l1
+    sr = sr.float()
+    l1 = F.l1_loss(sr, hr)
+    losses = {"l1": l1}  # logged whatever the loss, so runs stay comparable
+    if cfg.loss == "mse":
+        losses["mse"] = F.mse_loss(sr, hr)
+        total = losses["mse"]
+    elif cfg.loss == "l1":
+        total = l1
+    else:
+        raise ValueError(f"reconstruction loss must be l1 or mse, got {cfg.loss!r}")
     if freeze_resampler:
         losses["total"] = total
         return losses
