@@ -16,6 +16,7 @@ from carcli.pipeline import resolve_device
 from carcli.train.progress import make_display
 from carcli.train.trainer import (
     BEST_NAME,
+    RECONSTRUCTION_LOSSES,
     STATE_NAME,
     TrainConfig,
     Trainer,
@@ -128,8 +129,8 @@ def train(
         raise typer.BadParameter("--patch must be a multiple of 8")
     if scale not in (2, 4):
         raise typer.BadParameter("--scale must be 2 or 4")
-    if loss not in ("l1", "mse"):
-        raise typer.BadParameter("--loss must be l1 or mse")
+    if loss not in RECONSTRUCTION_LOSSES:
+        raise typer.BadParameter(f"--loss must be {' or '.join(RECONSTRUCTION_LOSSES)}")
     budget = parse_duration(time_budget) if time_budget else None
     dev = resolve_device(device)
     state = run / STATE_NAME

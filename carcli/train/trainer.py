@@ -25,6 +25,8 @@ from carcli.train.progress import TrainDisplay, status_line
 STATE_NAME = "state.pt"
 BEST_NAME = "best.safetensors"
 LOG_NAME = "log.jsonl"
+# --loss: the paper's L1, or the squared error that PSNR measures (for final fine-tunes).
+RECONSTRUCTION_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
 
 
 @dataclass
@@ -135,15 +137,13 @@ def training_losses(
     with _autocast(cfg.precision, device):
         sr = model.sr(lr_q)
     sr = sr.float()
-    l1 = F.l1_loss(sr, hr)
-    losses = {"l1": l1}  # logged whatever the loss, so runs stay comparable
-    if cfg.loss == "mse":
-        losses["mse"] = F.mse_loss(sr, hr)
-        total = losses["mse"]
-    elif cfg.loss == "l1":
-        total = l1
-    else:
-        raise ValueError(f"reconstruction loss must be l1 or mse, got {cfg.loss!r}")
+    if cfg.loss not in RECONSTRUCTION_LOSSES:
+        names = " or ".join(RECONSTRUCTION_LOSSES)
+        raise ValueError(f"reconstruction loss must be {names}, got {cfg.loss!r}")
+    losses = {"l1": F.l1_loss(sr, hr)}  # logged whatever the loss, so runs stay comparable
+    if cfg.loss != "l1":
+        losses[cfg.loss] = RECONSTRUCTION_LOSSES[cfg.loss](sr, hr)
+    total = losses[cfg.loss]
     if freeze_resampler:
         losses["total"] = total
         return losses
