@@ -224,15 +224,39 @@ def test_export_run_from_state_and_best(train_dir: Path, tmp_path: Path):
         torch.testing.assert_close(model(x), trainer.ema.eval()(x), rtol=1e-6, atol=1e-6)
 
 
+def test_the_end_of_the_schedule_is_always_validated(train_dir: Path, tmp_path: Path):
+    """A run that ends between validations still scores, and can keep, its final weights."""
+    scores = iter([20.0, 21.0, 19.0])
+    steps_seen = []
+
+    def fake_eval(model):  # noqa: ANN001, ANN202
+        steps_seen.append(trainer.step)
+        return {"Set": {"psnr": next(scores), "ssim": 0.5}}
+
+    cfg = _config(train_dir, steps=5, val_every=2)
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), evaluate=fake_eval, quiet=True)
+    trainer.run()
+    assert steps_seen == [2, 4, 5]
+    _, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert meta["steps"] == 4 and trainer.best_psnr == 21.0
+
+    trainer.cfg.steps = 6  # extended schedule, resumed: validated once at its end (step 6)
+    scores = iter([22.0])
+    trainer.run()
+    assert steps_seen == [2, 4, 5, 6] and trainer.best_psnr == 22.0
+    trainer.run()  # nothing left to train: no second validation of step 6
+    assert steps_seen == [2, 4, 5, 6]
+
+
 def test_export_last_validates_weights_that_never_were(train_dir: Path, tmp_path: Path):
     from carcli.train.export import export_run
 
-    cfg = _config(train_dir, steps=3, val_every=2)
+    cfg = _config(train_dir, steps=6, val_every=2)
     trainer = Trainer(
         cfg, tmp_path / "run", torch.device("cpu"),
         evaluate=lambda m: {"Set": {"psnr": 20.0, "ssim": 0.5}}, quiet=True,
     )  # fmt: skip
-    trainer.run()  # validated at step 2, stopped at step 3
+    trainer.run(stop_at=3)  # validated at step 2, interrupted at step 3
     seen = []
 
     def evaluate(model):  # noqa: ANN001, ANN202
@@ -296,8 +320,9 @@ def test_car_train_and_export_commands(train_dir: Path, tmp_path: Path):
     result = invoke(app, ["train", *common, "--resume", "--steps", "5", "--val-every", "2"])
     assert result.exit_code == 0, result.output
     log = [json.loads(line) for line in (run / LOG_NAME).read_text().splitlines()]
-    assert [r["step"] for r in log if r["event"] == "val"] == [2, 4]
-    # Stopped at step 5, never validated there: export measures those weights on --val.
+    # Every 2 steps, and where each schedule ended (3, then 5 after --resume).
+    assert [r["step"] for r in log if r["event"] == "val"] == [2, 3, 4, 5]
+    # The last weights: export reuses their validation at step 5.
     out = tmp_path / "x2.safetensors"
     result = invoke(app, ["export", str(run), str(out), "--which", "last", "--no-timing"])
     assert result.exit_code == 0, result.output

@@ -346,12 +346,10 @@ class Trainer:
         self._say(f"stopped at step {self.step} ({self.elapsed / 60:.1f} min of training)")
 
     def _finished(self, stop_at: int | None) -> bool:
-        cfg = self.cfg
         return (
-            (cfg.steps is not None and self.step >= cfg.steps)
+            self._schedule_done()
             or (stop_at is not None and self.step >= stop_at)
             or self.stop_requested
-            or (cfg.time_budget is not None and self.elapsed >= cfg.time_budget)
         )
 
     def _train_until(self, stop_at: int | None) -> None:
@@ -385,6 +383,17 @@ class Trainer:
             if time.monotonic() - last_save >= cfg.checkpoint_minutes * 60:
                 self.save_state()
                 last_save = time.monotonic()
+        if self._schedule_done() and cfg.val_every and not self._validated_here():
+            self.validate()  # the final weights are often the best: never leave them unscored
+
+    def _schedule_done(self) -> bool:
+        cfg = self.cfg
+        return (cfg.steps is not None and self.step >= cfg.steps) or (
+            cfg.time_budget is not None and self.elapsed >= cfg.time_budget
+        )
+
+    def _validated_here(self) -> bool:
+        return any(r["step"] == self.step for r in self.history if r.get("event") == "val")
 
 
 def _smooth(average: float, value: float, weight: float) -> float:
