@@ -10,7 +10,7 @@ import torch
 
 from carcli.checkpoints import load_checkpoint, save_checkpoint
 from carcli.models import CARConfig, CARModel, preset
-from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, run_metadata
+from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, run_metadata, validation_at
 
 Evaluate = Callable[[CARModel], dict]  # model -> {set name: {"psnr", "ssim"}}
 
@@ -67,10 +67,8 @@ def _from_state(run: Path, evaluate: Evaluate | None) -> tuple[CARModel, dict]:
     model = CARModel(config)
     model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     model.eval()
-    vals = [h for h in state["history"] if h.get("event") == "val" and "sets" in h]
-    if vals and vals[-1]["step"] == state["step"]:
-        report = vals[-1]["sets"]
-    else:  # the latest weights were never validated: do it now, or record nothing
+    report = validation_at(state["history"], state["step"])
+    if report is None:  # the latest weights were never validated: do it now, or record nothing
         report = evaluate(model) if evaluate is not None else None
     return model, run_metadata(cfg, state["step"], state["elapsed"], model, report)
 

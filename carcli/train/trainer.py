@@ -383,7 +383,8 @@ class Trainer:
             if time.monotonic() - last_save >= cfg.checkpoint_minutes * 60:
                 self.save_state()
                 last_save = time.monotonic()
-        if self._schedule_done() and cfg.val_every and not self._validated_here():
+        unscored = validation_at(self.history, self.step) is None
+        if self._schedule_done() and cfg.val_every and unscored:
             self.validate()  # the final weights are often the best: never leave them unscored
 
     def _schedule_done(self) -> bool:
@@ -392,8 +393,11 @@ class Trainer:
             cfg.time_budget is not None and self.elapsed >= cfg.time_budget
         )
 
-    def _validated_here(self) -> bool:
-        return any(r["step"] == self.step for r in self.history if r.get("event") == "val")
+
+def validation_at(history: list[dict], step: int) -> dict | None:
+    """The per-set report of the validation run at ``step``, if the latest one ran there."""
+    vals = [h for h in history if h.get("event") == "val" and "sets" in h]
+    return vals[-1]["sets"] if vals and vals[-1]["step"] == step else None
 
 
 def _smooth(average: float, value: float, weight: float) -> float:
