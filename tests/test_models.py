@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carcli.models import CARModel, lr_size, normalize_kernels, pad_to_multiple, preset, quantize
+from carcli.models import (
+    CARModel,
+    deepened,
+    lr_size,
+    normalize_kernels,
+    pad_to_multiple,
+    preset,
+    quantize,
+)
 from carcli.models.layers import DownsampleBlock
 from carcli.models.resampler import ClampTowardRange
 from carcli.resize import bicubic_downscale
@@ -92,3 +100,26 @@ def test_downsample_block_equals_unshuffle_then_1x1_conv(channels_last: bool) ->
     ref_grads = torch.autograd.grad(reference.square().sum(), [x, *block.parameters()])
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_deepened_edsr_computes_the_same_then_learns_with_its_new_blocks(scale):
+    model = CARModel(preset("tiny", scale))
+    for p in model.parameters():  # a "trained" pair: no zero weights anywhere
+        p.data.add_(0.05 * torch.randn_like(p))
+    grown = deepened(model, 5, name="tiny-deep")
+    assert grown.config.sr.blocks == 5 and grown.config.name == "tiny-deep"
+    assert model.config.sr.blocks == 2  # the original is left alone
+    old_sr, new_sr = model.parameter_counts()["sr"], grown.parameter_counts()["sr"]
+    assert new_sr - old_sr == 3 * 2 * (16 * 16 * 9 + 16)  # three blocks of two 3x3 convs
+    x = torch.rand(2, 3, 19, 26)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x), model(x), rtol=0, atol=0)
+        lr = quantize(model.downscale(x))
+        torch.testing.assert_close(grown.upscale(lr), model.upscale(lr), rtol=0, atol=0)
+
+    grown.upscale(lr).square().mean().backward()
+    second_conv = grown.sr.body[3].body[2].weight  # zero-initialised: receives gradient
+    assert second_conv.grad is not None and second_conv.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot deepen"):
+        deepened(model, 1)

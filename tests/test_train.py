@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -365,3 +366,42 @@ def test_auto_precision_trains_in_bf16_only_where_native(
     assert bad.exit_code == 2 and "--precision" in bad.output
     bad = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "bad"), "--loss", "l2"])
     assert bad.exit_code == 2 and "--loss" in bad.output
+
+
+def test_init_with_a_deeper_preset_grows_edsr(
+    train_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """--init a trained pair with --config naming the same widths and more EDSR blocks: the
+    pair is deepened (same outputs at first), trains, resumes and exports at the new depth."""
+    from carcli.models import config as model_config
+
+    tiny_resampler, tiny_sr = model_config.PRESETS["tiny"]
+    deeper = (tiny_resampler, replace(tiny_sr, blocks=4))
+    monkeypatch.setitem(model_config.PRESETS, "tiny-deep", deeper)
+    base = Trainer(_config(train_dir, steps=2), tmp_path / "base", torch.device("cpu"), quiet=True)
+    base.run()
+    init = tmp_path / "base.safetensors"
+    base.export(init)
+
+    cfg = _config(train_dir, steps=4, init=str(init), config="tiny-deep")
+    grown = Trainer(cfg, tmp_path / "grown", torch.device("cpu"), quiet=True)
+    assert grown.model.config.sr.blocks == 4 and grown.ema.config.sr.blocks == 4
+    x = torch.rand(1, 3, 24, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(grown.ema.eval()(x), base.ema.eval()(x), rtol=0, atol=0)
+    grown.run(stop_at=2)
+    resumed = Trainer(cfg, tmp_path / "grown", torch.device("cpu"), quiet=True)
+    resumed.load_state()
+    resumed.run()
+    out = tmp_path / "grown.safetensors"
+    resumed.export(out)
+    model, meta = load_checkpoint(out)
+    assert model.config.sr.blocks == 4 and model.config.name == "tiny-deep"
+    assert meta["recipe"]["config"] == "tiny-deep" and meta["steps"] == 4
+    assert not torch.equal(
+        model.sr.body[3].body[2].weight, torch.zeros_like(model.sr.body[3].body[2].weight)
+    )
+
+    other = _config(train_dir, steps=1, init=str(init), config="compact")  # other widths: kept
+    kept = Trainer(other, tmp_path / "kept", torch.device("cpu"), quiet=True)
+    assert kept.model.config == base.model.config

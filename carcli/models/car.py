@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -80,3 +81,30 @@ class CARModel(nn.Module):
 def _learned_parameters(module: nn.Module) -> int:
     fixed = {id(p) for m in module.modules() if isinstance(m, MeanShift) for p in m.parameters()}
     return sum(p.numel() for p in module.parameters() if id(p) not in fixed)
+
+
+def deepened(model: CARModel, blocks: int, name: str | None = None) -> CARModel:
+    """A copy whose EDSR has ``blocks`` residual blocks, computing exactly the same function.
+
+    Growing a trained pair is cheaper than training a deeper one from scratch: the
+    added blocks go last in the body with their second convolution zeroed, so each
+    starts as an identity (``x + 0``) and training then puts the new capacity to use.
+    """
+    old = model.config.sr.blocks
+    if blocks < old:
+        raise ValueError(f"cannot deepen EDSR from {old} to {blocks} blocks")
+    config = replace(
+        model.config, sr=replace(model.config.sr, blocks=blocks), name=name or model.config.name
+    )
+    grown = CARModel(config).to(next(model.parameters()).device)
+    state = grown.state_dict()
+    tail_conv = f"sr.body.{old}."  # the body's closing conv moves behind the new blocks
+    for key, value in model.state_dict().items():
+        if key.startswith(tail_conv):
+            key = f"sr.body.{blocks}." + key[len(tail_conv) :]
+        state[key] = value
+    for i in range(old, blocks):
+        state[f"sr.body.{i}.body.2.weight"].zero_()
+        state[f"sr.body.{i}.body.2.bias"].zero_()
+    grown.load_state_dict(state)
+    return grown.train(model.training)

@@ -68,6 +68,12 @@ PRESETS: dict[str, tuple[ResamplerConfig, SRConfig]] = {
         ResamplerConfig(c1=16, c2=32, c4=64, blocks=2, c8=64, trunk_convs=2),
         SRConfig(features=64, blocks=16, res_scale=1.0),
     ),
+    # compact with a deeper EDSR (24 blocks): grown from a trained compact pair with
+    # `car train --init ... --config compact-deep` (see models.car.deepened).
+    "compact-deep": (
+        ResamplerConfig(c1=16, c2=32, c4=64, blocks=2, c8=64, trunk_convs=2),
+        SRConfig(features=64, blocks=24, res_scale=1.0),
+    ),
     "tiny": (
         ResamplerConfig(c1=8, c2=16, c4=16, blocks=1, c8=16, trunk_convs=1),
         SRConfig(features=16, blocks=2, res_scale=1.0),

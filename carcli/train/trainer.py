@@ -8,14 +8,14 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from carcli.models import CARModel, preset
+from carcli.models import CARModel, deepened, preset
 from carcli.ops import resample
 from carcli.tiling import default_precision
 from carcli.train.data import PatchSampler
@@ -181,8 +181,7 @@ class Trainer:
             from carcli.checkpoints import load_model
 
             self.model, _ = load_model(Path(cfg.init), cfg.scale, device="cpu")
-            if self.model.config.name != cfg.config and cfg.config != "from-init":
-                self._say(f"note: --init checkpoint uses config {self.model.config.name!r}")
+            self._grow_to_preset(cfg.config)
             if cfg.reset_heads:
                 self.model.resampler.reset_heads()
         else:
@@ -208,6 +207,22 @@ class Trainer:
         self.best_psnr = -math.inf
         self.history: list[dict] = []
         self.stop_requested = False
+
+    def _grow_to_preset(self, name: str) -> None:
+        """With --init and a --config that only has more EDSR blocks: deepen the pair to it."""
+        have = self.model.config
+        if name in ("from-init", have.name):
+            return
+        want = preset(name, have.scale)
+        same_widths = replace(want.sr, blocks=have.sr.blocks) == have.sr
+        if want.resampler == have.resampler and same_widths and want.sr.blocks > have.sr.blocks:
+            self.model = deepened(self.model, want.sr.blocks, name=name)
+            self._say(
+                f"note: EDSR deepened from {have.sr.blocks} to {want.sr.blocks} blocks "
+                f"for --config {name}; the new blocks start as identities"
+            )
+        else:
+            self._say(f"note: --init checkpoint uses config {have.name!r}, kept as it is")
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop after the current step (and save); safe from a signal handler."""
