@@ -60,7 +60,13 @@ def train(
     val: Annotated[list[Path], typer.Option("--val", help="Validation folder (repeatable).")],
     run: Annotated[Path, typer.Option("--run", help="Run folder: state, log, best checkpoint.")],
     scale: Annotated[int, typer.Option("--scale", "-s", help="2 or 4.")] = 4,
-    config: Annotated[str, typer.Option(help="Network preset: compact, paper, tiny.")] = "compact",
+    config: Annotated[
+        str,
+        typer.Option(
+            help="Network preset: compact, compact-deep (EDSR 24 blocks), paper, tiny. With "
+            "--init, a preset that only adds EDSR blocks grows the checkpoint's pair to it."
+        ),
+    ] = "compact",
     steps: Annotated[int | None, typer.Option(help="Total steps (cosine schedule length).")] = None,
     time_budget: Annotated[
         str | None, typer.Option("--time-budget", help="Total training time, e.g. 2h30m.")
