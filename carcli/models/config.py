@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -60,20 +60,17 @@ class CARConfig:
         )
 
 
+# What carcli ships: a light resampler and an EDSR-baseline-sized SR network.
+_COMPACT_RESAMPLER = ResamplerConfig(c1=16, c2=32, c4=64, blocks=2, c8=64, trunk_convs=2)
+_COMPACT_SR = SRConfig(features=64, blocks=16, res_scale=1.0)
+
 # name -> (resampler, sr). "paper" is the authors' configuration (their checkpoints load into it).
 PRESETS: dict[str, tuple[ResamplerConfig, SRConfig]] = {
     "paper": (ResamplerConfig(), SRConfig()),
-    # What carcli ships: a light resampler and an EDSR-baseline-sized SR network.
-    "compact": (
-        ResamplerConfig(c1=16, c2=32, c4=64, blocks=2, c8=64, trunk_convs=2),
-        SRConfig(features=64, blocks=16, res_scale=1.0),
-    ),
+    "compact": (_COMPACT_RESAMPLER, _COMPACT_SR),
     # compact with a deeper EDSR (24 blocks): grown from a trained compact pair with
     # `car train --init ... --config compact-deep` (see models.car.deepened).
-    "compact-deep": (
-        ResamplerConfig(c1=16, c2=32, c4=64, blocks=2, c8=64, trunk_convs=2),
-        SRConfig(features=64, blocks=24, res_scale=1.0),
-    ),
+    "compact-deep": (_COMPACT_RESAMPLER, replace(_COMPACT_SR, blocks=24)),
     "tiny": (
         ResamplerConfig(c1=8, c2=16, c4=16, blocks=1, c8=16, trunk_convs=1),
         SRConfig(features=16, blocks=2, res_scale=1.0),
