@@ -366,6 +366,8 @@ def test_auto_precision_trains_in_bf16_only_where_native(
     assert bad.exit_code == 2 and "--precision" in bad.output
     bad = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "bad"), "--loss", "l2"])
     assert bad.exit_code == 2 and "--loss" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "bad"), "--config", "huge"])
+    assert bad.exit_code == 2 and "--config" in bad.output and "compact-deep" in bad.output
 
 
 def test_init_with_a_deeper_preset_grows_edsr(

@@ -12,6 +12,7 @@ from typing import Annotated
 import torch
 import typer
 
+from carcli.models import PRESETS
 from carcli.pipeline import resolve_device
 from carcli.train.progress import make_display
 from carcli.train.trainer import (
@@ -137,6 +138,8 @@ def train(
         raise typer.BadParameter("--scale must be 2 or 4")
     if loss not in RECONSTRUCTION_LOSSES:
         raise typer.BadParameter(f"--loss must be {' or '.join(RECONSTRUCTION_LOSSES)}")
+    if config not in PRESETS:
+        raise typer.BadParameter(f"--config must be one of {', '.join(PRESETS)}")
     budget = parse_duration(time_budget) if time_budget else None
     dev = resolve_device(device)
     state = run / STATE_NAME
