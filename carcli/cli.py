@@ -43,6 +43,7 @@ from carcli.pipeline import (
     roundtrip_report,
     run_batch,
 )
+from carcli.refine import DEFAULT_MAX_CHANGE
 from carcli.tiling import set_cpu_threads
 from carcli.train import commands as train_commands
 
@@ -168,6 +169,28 @@ ThreadsOpt = Annotated[
         show_default=False,
     ),
 ]
+RefineOpt = Annotated[
+    int,
+    typer.Option(
+        "--refine",
+        min=0,
+        help=(
+            "Tune each downscaled image for N more steps against the upscaler (gradient "
+            "descent through the 8-bit rounding): much better reconstructions (Set5 at 4x: "
+            "32.59 -> 34.13 dB with 20 steps) at a large cost (each step is a forward and "
+            "backward pass of the upscaler; see README, Refinement). 0: off."
+        ),
+    ),
+]
+RefineRangeOpt = Annotated[
+    int,
+    typer.Option(
+        "--refine-range",
+        min=0,
+        max=255,
+        help="With --refine: how many 8-bit levels a pixel may move from the resampler's value.",
+    ),
+]
 InputArg = Annotated[
     Path,
     typer.Argument(
@@ -208,13 +231,23 @@ def _processor(
     precision: Precision = Precision.auto,
     tile: int | None = None,
     threads: int | None = None,
+    refine: int = 0,
+    refine_range: int = DEFAULT_MAX_CHANGE,
 ) -> Processor:
     """The model on its device, tuned: channels-last, the precision, tiles, threads."""
     dev = resolve_device(device)
     if threads is not None or dev.type == "cpu":
         set_cpu_threads(threads)
     model, _ = load_model(weights, int(scale.value), dev)
-    return Processor(model, dev, precision.value, tile=tile, channels_last=True)
+    return Processor(
+        model,
+        dev,
+        precision.value,
+        tile=tile,
+        channels_last=True,
+        refine=refine,
+        refine_max_change=refine_range,
+    )
 
 
 def _run(task: Task, source: Path, recursive: bool, quiet: bool) -> list[Outcome]:
@@ -311,6 +344,8 @@ def downscale(
         ),
     ] = False,
     quality: QualityOpt = 95,
+    refine: RefineOpt = 0,
+    refine_range: RefineRangeOpt = DEFAULT_MAX_CHANGE,
     tile: TileOpt = None,
     precision: PrecisionOpt = Precision.auto,
     threads: ThreadsOpt = None,
@@ -330,7 +365,9 @@ def downscale(
         out_dir, out_file, fmt_name = output_target(input, output, fmt.value if fmt else None)
         if not FORMATS[fmt_name][1] and not allow_lossy:
             raise UsageError(LOSSY_REFUSED.format(fmt=fmt_name.upper()))
-        processor = _processor(weights, scale, device, precision, tile, threads)
+        processor = _processor(
+            weights, scale, device, precision, tile, threads, refine, refine_range
+        )
         task = DownscaleTask(processor, out_dir, out_file, fmt_name, quality, overwrite)
         outcomes = _run(task, input, recursive, quiet)
     _exit(outcomes, _write_json(json_file, _batch_json("downscale", scale, outcomes)))
@@ -417,6 +454,8 @@ def roundtrip(
             ),
         ),
     ] = False,
+    refine: RefineOpt = 0,
+    refine_range: RefineRangeOpt = DEFAULT_MAX_CHANGE,
     tile: TileOpt = None,
     precision: PrecisionOpt = Precision.auto,
     threads: ThreadsOpt = None,
@@ -444,12 +483,16 @@ def roundtrip(
             check_paths(input, output, recursive)
             if output.exists() and not output.is_dir():
                 raise UsageError(f"--output must be a folder, but {output} is a file")
-        processor = _processor(weights, scale, device, precision, tile, threads)
+        processor = _processor(
+            weights, scale, device, precision, tile, threads, refine, refine_range
+        )
         if tile is not None:  # --tile counts HR pixels here: the image this command returns
             processor.down_tile = max(1, tile // processor.scale)
         task = RoundtripTask(processor, output, compare=compare, overwrite=overwrite)
         outcomes = _run(task, input, recursive, quiet)
     report = roundtrip_report(outcomes, int(scale.value))
+    if refine:
+        report["refine"] = {"steps": refine, "range": refine_range}
     if not quiet and report["count"]:
         records = [o.record for o in outcomes if o.status == "ok"]
         stdout_console().print(roundtrip_table(records, report))

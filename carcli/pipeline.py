@@ -22,6 +22,7 @@ is at the end.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -54,6 +55,8 @@ from carcli.imageio import (
 )
 from carcli.models import CARModel, lr_size, quantize
 from carcli.ops.reference import reflect_pad
+from carcli.refine import DEFAULT_MAX_CHANGE, refine
+from carcli.refine import tile_side as refine_tile_side
 from carcli.resize import bicubic_downscale, bicubic_upscale
 from carcli.streaming import OrderedWorker, Prefetcher
 from carcli.tiling import PrecisionError, TiledModel, is_oom
@@ -140,7 +143,9 @@ class Processor:
     choice); the resampling op always runs in float32. ``tile`` is the side of
     a tile in output pixels (LR pixels when downscaling, HR when upscaling;
     None: sized from free memory); :attr:`down_tile` and :attr:`up_tile` set
-    the two steps separately.
+    the two steps separately. ``refine`` > 0 tunes each downscaled image for
+    that many steps against the SR network (:mod:`carcli.refine`), each pixel
+    within ``refine_max_change`` 8-bit levels of the resampler's output.
     """
 
     def __init__(
@@ -151,6 +156,8 @@ class Processor:
         tile: int | None = None,
         channels_last: bool = False,
         memory_budget: int | None = None,
+        refine: int = 0,
+        refine_max_change: int = DEFAULT_MAX_CHANGE,
     ) -> None:
         device = torch.device(device)
         try:
@@ -163,6 +170,8 @@ class Processor:
         self.scale: int = model.scale
         self.down_tile: int | None = tile
         self.up_tile: int | None = tile
+        self.refine = refine
+        self.refine_max_change = refine_max_change
 
     def downscale(self, hr: torch.Tensor) -> torch.Tensor:
         """HR (3xHxW or Bx3xHxW) -> LR quantised to 8 bits, ceil(H/s) x ceil(W/s)."""
@@ -173,7 +182,25 @@ class Processor:
         with torch.inference_mode():
             x = _pad_small(hr.to(dtype=torch.float32))
             lr = _quantize_(self.runner.downscale(x, self.down_tile)[..., :lh, :lw], 8)
+        if self.refine > 0:
+            lr = self._refined(lr, hr.to(dtype=torch.float32))
         return lr[0] if squeeze else lr
+
+    def _refined(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        runner = self.runner
+        tile = refine_tile_side(self.model, runner.memory_budget(), self.precision)
+        if self.down_tile is not None:
+            tile = min(tile, self.down_tile)
+        return refine(
+            self.model,
+            lr,
+            hr,
+            self.refine,
+            self.refine_max_change,
+            tile=tile if tile < max(lr.shape[-2:]) else None,
+            device=self.device,
+            precision=self.precision,
+        )
 
     def upscale(self, lr: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """LR -> HR clamped to [0, 1]: s*h x s*w, or the top-left ``size`` of it."""
@@ -1012,6 +1039,15 @@ def _processor(weights: Path | str | CARModel | None, scale: int, device: str) -
     return _cached_processor(str(weights) if weights else None, scale, str(device))
 
 
+def _refining(processor: Processor, steps: int) -> Processor:
+    """The (possibly cached, shared) processor, or a shallow copy of it that refines."""
+    if not steps:
+        return processor
+    processor = copy.copy(processor)
+    processor.refine = steps
+    return processor
+
+
 def _picture_of(image: ImageLike) -> tuple[Picture, Callable[[Picture], ImageLike]]:
     """A Picture from the user's object and a function turning results back into that kind."""
     if isinstance(image, Image.Image):
@@ -1052,14 +1088,17 @@ def downscale(
     scale: int = 4,
     weights: Path | str | CARModel | None = None,
     device: str = "auto",
+    refine: int = 0,
 ) -> ImageLike:
     """CAR-downscale a PIL image, HxWx3 uint8/uint16 array or 3xHxW float tensor.
 
     Returns the same kind, ceil(H/s) x ceil(W/s), on the 8-bit grid (arrays
     come back as uint8: the LR image is 8-bit by design). Store it losslessly.
+    ``refine`` as ``car downscale --refine``.
     """
     picture, back = _picture_of(image)
-    return back(downscale_picture(_processor(weights, scale, device), picture))
+    processor = _refining(_processor(weights, scale, device), refine)
+    return back(downscale_picture(processor, picture))
 
 
 def upscale(
@@ -1084,10 +1123,12 @@ def roundtrip(
     scale: int = 4,
     weights: Path | str | CARModel | None = None,
     device: str = "auto",
+    refine: int = 0,
 ) -> ImageLike:
     """Downscale, quantise to 8 bits and upscale in memory; same size and kind as the input."""
     picture, back = _picture_of(image)
-    return back(roundtrip_picture(_processor(weights, scale, device), picture)[1])
+    processor = _refining(_processor(weights, scale, device), refine)
+    return back(roundtrip_picture(processor, picture)[1])
 
 
 def check_paths(source: Path, output: Path | None, recursive: bool) -> None:
