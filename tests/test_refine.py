@@ -134,3 +134,15 @@ def test_cli_refine_downscale_then_upscale_equals_roundtrip(tmp_path: Path, tiny
         shave=4,
     )
     assert psnr == pytest.approx(refined["images"][0]["psnr"], abs=1e-6)
+
+
+def test_refine_runs_in_bfloat16(tiny_model) -> None:
+    """Autocast on the CPU: the search runs in bf16 where the upscale does; the LR stays 8-bit."""
+    model = tiny_model(2)
+    hr = _hr(31, 26, seed=19)
+    plain = Processor(model, precision="bf16")
+    lr0 = plain.downscale(hr)
+    lr = Processor(model, precision="bf16", refine=3).downscale(hr)
+    assert lr.dtype == torch.float32 and lr.shape == lr0.shape
+    assert (lr * 255 - lr0 * 255).abs().max() <= 4 + 1e-4
+    assert _error(plain, lr, hr) <= _error(plain, lr0, hr)
