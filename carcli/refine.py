@@ -29,11 +29,12 @@ from carcli.train.losses import quantize_for_training
 
 DEFAULT_MAX_CHANGE = 4  # 8-bit levels a refined LR pixel may move from the resampler's
 DEFAULT_STEP = 0.002  # Adam step, in [0, 1] units (about half an 8-bit level)
-# LR pixels of context around a tile. EDSR's theoretical reach is larger
-# (tiling.sr_margins), but an LR pixel's influence fades within a few pixels;
-# these margins only decide how well seams between tiles are tuned.
-CONTEXT = 12
+# Around a tile, SCORED LR pixels whose reconstruction is also scored (the tile's
+# pixels change it), then CONTEXT more fed to the SR network as fixed input. EDSR's
+# theoretical reach is larger (tiling.sr_margins), but an LR pixel's influence
+# fades within a few pixels; these only decide how well seams are tuned.
 SCORED = 8
+CONTEXT = 12
 
 
 def tile_side(model: CARModel, budget: int, precision: str = "fp32") -> int:
@@ -41,7 +42,9 @@ def tile_side(model: CARModel, budget: int, precision: str = "fp32") -> int:
 
     Autograd keeps every activation of EDSR: per LR pixel about 4 per residual
     block plus the head's and body's (F channels each), and the upsampler's,
-    which grow with s^2; doubled for the backward pass's temporaries.
+    which grow with s^2; doubled for the backward pass's temporaries. (Peak
+    resident memory measured for one step on a 64 x 64 LR tile, fp32: 47.5 KB
+    per LR pixel at 4x, 34.5 at 2x; this estimate: 83 and 47.)
     """
     cfg = model.config.sr
     per_pixel = cfg.features * (4 * cfg.blocks + 3 + 6 * model.scale**2)
