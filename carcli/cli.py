@@ -177,7 +177,7 @@ RefineOpt = Annotated[
         help=(
             "Tune each downscaled image for N more steps against the upscaler (gradient "
             "descent through the 8-bit rounding): much better reconstructions (Set5 at 4x: "
-            "32.59 -> 34.13 dB with 20 steps) at a large cost (each step is a forward and "
+            "32.59 -> 34.14 dB with 20 steps) at a large cost (each step is a forward and "
             "backward pass of the upscaler; see README, Refinement). 0: off."
         ),
     ),
