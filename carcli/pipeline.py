@@ -176,19 +176,18 @@ class Processor:
     def downscale(self, hr: torch.Tensor) -> torch.Tensor:
         """HR (3xHxW or Bx3xHxW) -> LR quantised to 8 bits, ceil(H/s) x ceil(W/s)."""
         squeeze = hr.dim() == 3
-        hr = _batched(hr)
+        hr = _batched(hr).to(dtype=torch.float32)
         h, w = hr.shape[-2:]
         lh, lw = lr_size(h, w, self.scale)
         with torch.inference_mode():
-            x = _pad_small(hr.to(dtype=torch.float32))
+            x = _pad_small(hr)
             lr = _quantize_(self.runner.downscale(x, self.down_tile)[..., :lh, :lw], 8)
         if self.refine > 0:
-            lr = self._refined(lr, hr.to(dtype=torch.float32))
+            lr = self._refined(lr, hr)
         return lr[0] if squeeze else lr
 
     def _refined(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
-        runner = self.runner
-        tile = refine_tile_side(self.model, runner.memory_budget(), self.precision)
+        tile = refine_tile_side(self.model, self.runner.memory_budget(), self.precision)
         if self.down_tile is not None:
             tile = min(tile, self.down_tile)
         return refine(
@@ -197,7 +196,7 @@ class Processor:
             hr,
             self.refine,
             self.refine_max_change,
-            tile=tile if tile < max(lr.shape[-2:]) else None,
+            tile=tile,
             device=self.device,
             precision=self.precision,
         )

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from carcli.models import CARModel
-from carcli.tiling import autocast, spans, sr_features, sr_tail
+from carcli.tiling import autocast, grid, sr_features, sr_tail
 from carcli.train.losses import quantize_for_training
 
 DEFAULT_MAX_CHANGE = 4  # 8-bit levels a refined LR pixel may move from the resampler's
@@ -51,13 +51,6 @@ def tile_side(model: CARModel, budget: int, precision: str = "fp32") -> int:
     size = 4 if precision == "fp32" else 3
     side = math.isqrt(int(budget / (2 * size * per_pixel)))
     return max(16, side - 2 * (CONTEXT + SCORED))
-
-
-def _tiles(h: int, w: int, tile: int | None) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Raster-order tiles of the LR image (one when ``tile`` is None)."""
-    rows = spans(h, tile or h)
-    cols = spans(w, tile or w)
-    return [(r, c) for r in rows for c in cols]
 
 
 def _restore(
@@ -153,7 +146,8 @@ def refine(
         for i in range(b):
             cur = lr[i : i + 1].clone().to(device)
             target = torch.nn.functional.pad(hr[i : i + 1].clone().to(device), pad)
-            for (y0, y1), (x0, x1) in _tiles(h, w, tile):
+            for rows, cols in grid(h, w, tile or max(h, w)):
+                (y0, y1), (x0, x1) = (rows.start, rows.stop), (cols.start, cols.stop)
                 cy0, cx0 = max(0, y0 - CONTEXT - SCORED), max(0, x0 - CONTEXT - SCORED)
                 cy1, cx1 = min(h, y1 + CONTEXT + SCORED), min(w, x1 + CONTEXT + SCORED)
                 free = (slice(y0 - cy0, y1 - cy0), slice(x0 - cx0, x1 - cx0))

@@ -381,7 +381,8 @@ def spans(length: int, tile: int, align: int = 1) -> list[tuple[int, int]]:
     return [(a, min(a + size, length)) for a in starts]
 
 
-def _grid(height: int, width: int, tile: int, align: int = 1) -> Iterator[tuple[slice, slice]]:
+def grid(height: int, width: int, tile: int, align: int = 1) -> Iterator[tuple[slice, slice]]:
+    """Tiles of at most ``tile`` x ``tile`` covering the image, in raster order."""
     for y0, y1 in spans(height, tile, align):
         for x0, x1 in spans(width, tile, align):
             yield slice(y0, y1), slice(x0, x1)
@@ -510,7 +511,7 @@ class TiledModel:
         if tile >= lh and tile >= lw:  # one tile: the model's own forward pass
             return self._downscale_region(self._to_device(hr)).to(hr.device)
         out = torch.empty(b, c, lh, lw, dtype=torch.float32, device=hr.device)
-        for rows, cols in _grid(lh, lw, tile, align=SIZE_MULTIPLE // s):
+        for rows, cols in grid(lh, lw, tile, align=SIZE_MULTIPLE // s):
             y0, x0 = max(0, rows.start * s - m), max(0, cols.start * s - m)
             y1, x1 = min(h, rows.stop * s + m), min(w, cols.stop * s + m)
             lr = self._downscale_region(self._to_device(hr[..., y0:y1, x0:x1]))
@@ -555,7 +556,7 @@ class TiledModel:
         outer = max(1, tile // s)
         inner = min(self.plan(batch=b).up_inner, outer)
         out = torch.empty(b, c, big, bw, dtype=torch.float32, device=lr.device)
-        for rows, cols in _grid(need_h, need_w, outer):
+        for rows, cols in grid(need_h, need_w, outer):
             # Features are exact on the tile plus the upsampler's margin.
             fy0, fx0 = max(0, rows.start - mu), max(0, cols.start - mu)
             fy1, fx1 = min(h, rows.stop + mu), min(w, cols.stop + mu)
@@ -563,7 +564,7 @@ class TiledModel:
             y1, x1 = min(h, fy1 + mb), min(w, fx1 + mb)
             feats = self._features(self._to_device(lr[..., y0:y1, x0:x1]))
             feats = feats[..., fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
-            for irows, icols in _grid(rows.stop - rows.start, cols.stop - cols.start, inner):
+            for irows, icols in grid(rows.stop - rows.start, cols.stop - cols.start, inner):
                 gy0, gy1 = rows.start + irows.start, rows.start + irows.stop
                 gx0, gx1 = cols.start + icols.start, cols.start + icols.stop
                 ry0, rx0 = max(fy0, gy0 - mu), max(fx0, gx0 - mu)

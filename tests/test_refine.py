@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import carcli
+from carcli import metrics
 from carcli.cli import app
 from carcli.pipeline import Processor
 from carcli.refine import refine, refine_tile
@@ -126,8 +127,6 @@ def test_cli_refine_downscale_then_upscale_equals_roundtrip(tmp_path: Path, tiny
     assert result.exit_code == 0, result.output
     out = np.asarray(Image.open(tmp_path / "sr" / "a.png")).astype(float)
     target = photo(35, 46, seed=17).astype(float)
-    from carcli import metrics
-
     psnr = metrics.psnr_y(
         torch.from_numpy(out).permute(2, 0, 1) / 255,
         torch.from_numpy(target).permute(2, 0, 1) / 255,
