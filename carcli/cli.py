@@ -520,9 +520,10 @@ def info(json_file: JsonOpt = None) -> None:
         raise typer.Exit(1)
 
 
-# Training has its own package; `car train` and `car export` are its entry points.
+# Training has its own package; `car train`, `car export` and `car average` are its entry points.
 app.command("train")(train_commands.train)
 app.command("export")(train_commands.export)
+app.command("average")(train_commands.average)
 
 
 def main() -> None:
