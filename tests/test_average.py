@@ -29,6 +29,7 @@ def _random_checkpoints(folder: Path, count: int, scale: int = 2, name: str = "t
                 p.add_(torch.randn_like(p) * 0.1)
         path = folder / f"m{i}.safetensors"
         meta = {"steps": 100 * (i + 1), "training_data": ["train/"], "source": f"run {i}"}
+        meta["cpu_timing"] = {"image": "1632x1224", "fp32": {"roundtrip_s": 3.0 + i}}
         save_checkpoint(model, path, meta)
         paths.append(path)
     return paths
@@ -55,6 +56,8 @@ def test_average_is_the_mean_of_every_tensor(tmp_path: Path):
     assert [i["steps"] for i in ingredients] == [100, 200, 300]
     assert meta["training_data"] == ["train/"] and "validation" not in meta
     assert meta["parameters"] == model.parameter_counts()
+    # The network's cost does not depend on its weights: the last ingredient's timing is kept.
+    assert meta["cpu_timing"]["fp32"]["roundtrip_s"] == 5.0
 
 
 def test_average_refuses_mixed_architectures_and_single_files(tmp_path: Path):

@@ -38,7 +38,8 @@ def average_checkpoints(paths: Sequence[Path]) -> tuple[CARModel, dict]:
 
     Sums run in float64 so the result does not depend on the order of the
     files. Every file must describe the same network (same config), else a
-    WeightsError names the first one that differs.
+    WeightsError names the first one that differs. The last ingredient's
+    ``cpu_timing`` is kept: the averaged network costs what each one does.
     """
     if len(paths) < 2:
         raise WeightsError("averaging needs at least two checkpoints")
@@ -46,6 +47,7 @@ def average_checkpoints(paths: Sequence[Path]) -> tuple[CARModel, dict]:
     ingredients = []
     shared: dict[str, object] = {}
     first_model: CARModel | None = None
+    timing = None
     for path in map(Path, paths):
         model, meta = load_checkpoint(path)
         if first_model is None:
@@ -62,6 +64,7 @@ def average_checkpoints(paths: Sequence[Path]) -> tuple[CARModel, dict]:
                 raise WeightsError(f"{path}: {key} is not a floating-point tensor")
             total[key] = total.get(key, 0) + value.double()
         shared = {k: v for k, v in shared.items() if meta.get(k) == v}
+        timing = meta.get("cpu_timing", timing)
         record = {"file": path.name, "sha256": file_digest(path)}
         record.update({k: meta[k] for k in INGREDIENT_KEYS if k in meta})
         ingredients.append(record)
@@ -73,4 +76,7 @@ def average_checkpoints(paths: Sequence[Path]) -> tuple[CARModel, dict]:
     metadata["source"] = f"carcli average of {len(paths)} checkpoints"
     metadata["recipe"] = {"method": "uniform weight average", "ingredients": ingredients}
     metadata["parameters"] = first_model.parameter_counts()
+    if timing is not None:
+        # Same network, same cost: the last ingredient's measurement stands until re-measured.
+        metadata["cpu_timing"] = timing
     return first_model.eval(), metadata

@@ -238,7 +238,11 @@ def average(
         typer.Option("--val", help="Validation folder (repeatable): record the average's metrics."),
     ] = None,
     timing: Annotated[
-        bool, typer.Option(help="Measure and record CPU time for a 2 MP round trip.")
+        bool,
+        typer.Option(
+            help="Measure CPU time for a 2 MP round trip on this machine; with --no-timing "
+            "the last input's measurement is kept (same network, same cost)."
+        ),
     ] = True,
     overwrite: Annotated[
         bool, typer.Option(help="Replace OUTPUT if it exists (it may be one of the inputs).")
