@@ -38,8 +38,8 @@ def average_checkpoints(paths: Sequence[Path]) -> tuple[CARModel, dict]:
 
     Sums run in float64 so the result does not depend on the order of the
     files. Every file must describe the same network (same config), else a
-    WeightsError names the first one that differs. The last ingredient's
-    ``cpu_timing`` is kept: the averaged network costs what each one does.
+    WeightsError names the first one that differs. The last ``cpu_timing``
+    among the ingredients is kept: the averaged network costs what each one does.
     """
     if len(paths) < 2:
         raise WeightsError("averaging needs at least two checkpoints")
@@ -77,6 +77,6 @@ def average_checkpoints(paths: Sequence[Path]) -> tuple[CARModel, dict]:
     metadata["recipe"] = {"method": "uniform weight average", "ingredients": ingredients}
     metadata["parameters"] = first_model.parameter_counts()
     if timing is not None:
-        # Same network, same cost: the last ingredient's measurement stands until re-measured.
+        # Same network, same cost: the last measurement among the inputs stands until re-measured.
         metadata["cpu_timing"] = timing
     return first_model.eval(), metadata

@@ -241,7 +241,7 @@ def average(
         bool,
         typer.Option(
             help="Measure CPU time for a 2 MP round trip on this machine; with --no-timing "
-            "the last input's measurement is kept (same network, same cost)."
+            "the last measurement among the inputs is kept (same network, same cost)."
         ),
     ] = True,
     overwrite: Annotated[
