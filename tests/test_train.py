@@ -407,3 +407,32 @@ def test_init_with_a_deeper_preset_grows_edsr(
     other = _config(train_dir, steps=1, init=str(init), config="compact")  # other widths: kept
     kept = Trainer(other, tmp_path / "kept", torch.device("cpu"), quiet=True)
     assert kept.model.config == base.model.config
+
+
+def test_export_without_timing_keeps_the_init_measurement(
+    train_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A fine-tune costs what its --init did; a deeper network does not inherit the figure."""
+    from carcli.checkpoints import save_checkpoint
+    from carcli.models import config as model_config
+    from carcli.train.export import export_run
+
+    base = Trainer(_config(train_dir, steps=1), tmp_path / "base", torch.device("cpu"), quiet=True)
+    base.run()
+    init = tmp_path / "init.safetensors"
+    timing = {"image": "1632x1224", "threads": 2, "fp32": {"roundtrip_s": 4.2}}
+    save_checkpoint(base.ema, init, {"cpu_timing": timing})
+
+    for name, config, expected in (("same", "tiny", timing), ("deeper", "tiny-deep", None)):
+        tiny_resampler, tiny_sr = model_config.PRESETS["tiny"]
+        monkeypatch.setitem(
+            model_config.PRESETS, "tiny-deep", (tiny_resampler, replace(tiny_sr, blocks=4))
+        )
+        cfg = _config(train_dir, steps=1, init=str(init), config=config)
+        Trainer(cfg, tmp_path / name, torch.device("cpu"), quiet=True).run()
+        meta = export_run(tmp_path / name, tmp_path / f"{name}.safetensors", "last", timing=False)
+        assert meta.get("cpu_timing") == expected
+        assert load_checkpoint(tmp_path / f"{name}.safetensors")[1].get("cpu_timing") == expected
+    init.unlink()  # the starting point is gone: nothing to keep, nothing invented
+    meta = export_run(tmp_path / "same", tmp_path / "gone.safetensors", "last", timing=False)
+    assert "cpu_timing" not in meta

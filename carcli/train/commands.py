@@ -197,7 +197,11 @@ def export(
         str, typer.Option(help="best: best validated weights; last: latest (EMA) weights.")
     ] = "best",
     timing: Annotated[
-        bool, typer.Option(help="Measure and record CPU time for a 2 MP round trip.")
+        bool,
+        typer.Option(
+            help="Measure and record CPU time for a 2 MP round trip; with --no-timing the "
+            "--init checkpoint's measurement is kept when it is the same network."
+        ),
     ] = True,
 ) -> None:
     """Write an inference checkpoint (safetensors + metadata) from a training run."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from carcli.checkpoints import load_checkpoint, save_checkpoint
+from carcli.checkpoints import WeightsError, load_checkpoint, read_metadata, save_checkpoint
 from carcli.models import CARConfig, CARModel, preset
 from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, run_metadata, validation_at
 
@@ -56,6 +56,23 @@ def cpu_timing(model: CARModel, threads: int | None = None, repeats: int = 2) ->
     return result
 
 
+def inherited_timing(recipe: dict, model: CARModel) -> dict | None:
+    """The ``--init`` checkpoint's ``cpu_timing`` when it describes this same network.
+
+    A fine-tune costs what its starting point did, so an export without a fresh
+    measurement keeps the old one rather than recording none.
+    """
+    init = recipe.get("init")
+    if not init or not Path(init).is_file():
+        return None
+    try:
+        meta = read_metadata(Path(init))
+        same_network = CARConfig.from_dict(meta["config"]) == model.config
+    except (WeightsError, KeyError, TypeError, ValueError):
+        return None
+    return meta.get("cpu_timing") if same_network else None
+
+
 def _from_state(run: Path, evaluate: Evaluate | None) -> tuple[CARModel, dict]:
     state = torch.load(run / STATE_NAME, map_location="cpu", weights_only=True)
     cfg = TrainConfig(**state["config"])
@@ -83,7 +100,9 @@ def export_run(
     """Write ``output`` from the run's best validated weights or its latest (EMA) weights.
 
     ``evaluate`` validates the latest weights when no validation ran at their
-    step, so the recorded metrics always belong to the weights written.
+    step, so the recorded metrics always belong to the weights written. Without
+    ``timing``, the ``--init`` checkpoint's measurement is kept when it is the
+    same network.
     """
     if which == "best":
         model, metadata = load_checkpoint(run / BEST_NAME)
@@ -96,5 +115,7 @@ def export_run(
     metadata["parameters"] = model.parameter_counts()  # recounted: runs may predate a fix
     if timing:
         metadata["cpu_timing"] = cpu_timing(model)
+    elif (kept := inherited_timing(metadata.get("recipe") or {}, model)) is not None:
+        metadata["cpu_timing"] = kept
     save_checkpoint(model, output, metadata)
     return metadata
