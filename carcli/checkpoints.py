@@ -212,7 +212,8 @@ def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Te
     return meta, data
 
 
-def _config_from(meta: Mapping[str, Any], path: Path) -> CARConfig:
+def config_from_metadata(meta: Mapping[str, Any], path: Path) -> CARConfig:
+    """The network a checkpoint's metadata describes; WeightsError naming ``path`` if unreadable."""
     data = meta.get("config")
     if not isinstance(data, dict):
         raise WeightsError(f"{path} has no readable model config in its metadata")
@@ -235,7 +236,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[CAR
     """Rebuild the model a carcli safetensors file describes; returns (model in eval, metadata)."""
     path = Path(path)
     meta, tensors = _read(path, tensors=True)
-    config = _config_from(meta, path)
+    config = config_from_metadata(meta, path)
     states: dict[str, dict[str, torch.Tensor]] = {"resampler": {}, "sr": {}}
     stray = []
     for key, tensor in tensors.items():

@@ -423,11 +423,10 @@ def test_export_without_timing_keeps_the_init_measurement(
     timing = {"image": "1632x1224", "threads": 2, "fp32": {"roundtrip_s": 4.2}}
     save_checkpoint(base.ema, init, {"cpu_timing": timing})
 
+    tiny_resampler, tiny_sr = model_config.PRESETS["tiny"]
+    deeper = (tiny_resampler, replace(tiny_sr, blocks=4))
+    monkeypatch.setitem(model_config.PRESETS, "tiny-deep", deeper)
     for name, config, expected in (("same", "tiny", timing), ("deeper", "tiny-deep", None)):
-        tiny_resampler, tiny_sr = model_config.PRESETS["tiny"]
-        monkeypatch.setitem(
-            model_config.PRESETS, "tiny-deep", (tiny_resampler, replace(tiny_sr, blocks=4))
-        )
         cfg = _config(train_dir, steps=1, init=str(init), config=config)
         Trainer(cfg, tmp_path / name, torch.device("cpu"), quiet=True).run()
         meta = export_run(tmp_path / name, tmp_path / f"{name}.safetensors", "last", timing=False)

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 
-from carcli.checkpoints import WeightsError, load_checkpoint, read_metadata, save_checkpoint
+from carcli.checkpoints import (
+    WeightsError,
+    config_from_metadata,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 from carcli.models import CARConfig, CARModel, preset
 from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, run_metadata, validation_at
 
@@ -62,13 +68,13 @@ def inherited_timing(recipe: dict, model: CARModel) -> dict | None:
     A fine-tune costs what its starting point did, so an export without a fresh
     measurement keeps the old one rather than recording none.
     """
-    init = recipe.get("init")
-    if not init or not Path(init).is_file():
+    init = Path(recipe.get("init") or "")
+    if not init.is_file():
         return None
     try:
-        meta = read_metadata(Path(init))
-        same_network = CARConfig.from_dict(meta["config"]) == model.config
-    except (WeightsError, KeyError, TypeError, ValueError):
+        meta = read_metadata(init)
+        same_network = config_from_metadata(meta, init) == model.config
+    except WeightsError:  # not a carcli checkpoint (e.g. the authors' files): nothing to keep
         return None
     return meta.get("cpu_timing") if same_network else None
 
