@@ -85,6 +85,35 @@ def test_mse_loss_optimises_the_squared_error(train_dir: Path, tmp_path: Path):
         training_losses(trainer.model, fixed, _config(train_dir, loss="l2"), torch.device("cpu"))
 
 
+def test_luma_weight_adds_the_loss_of_bt601_luma(train_dir: Path, tmp_path: Path):
+    """--luma-weight W: total = RGB loss + W * the same loss on Y / 255, computed by hand here;
+    training with it lowers that luma loss."""
+    from carcli.train.trainer import training_losses
+
+    w = float(torch.empty(()).uniform_(0.5, 3.0))
+    cfg = _config(
+        train_dir, steps=25, lr=3e-3, luma_weight=w, loss="mse", offset_weight=0.0, tv_weight=0.0
+    )
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    fixed = trainer.sampler.batch(8)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        before = training_losses(trainer.model, fixed, cfg, cpu)
+        sr = trainer.model(fixed).float()  # the same round trip: resample, round, upscale
+    coeffs = torch.tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1) / 255.0
+    luma_by_hand = float((((sr - fixed) * coeffs).sum(dim=1) ** 2).mean())
+    assert float(before["luma"]) == pytest.approx(luma_by_hand, rel=1e-4)
+    expected_total = float(before["mse"]) + w * luma_by_hand
+    assert float(before["total"]) == pytest.approx(expected_total, rel=1e-5)
+    plain = _config(train_dir, loss="mse", offset_weight=0.0, tv_weight=0.0)
+    with torch.no_grad():
+        assert "luma" not in training_losses(trainer.model, fixed, plain, cpu)
+    trainer.run()
+    with torch.no_grad():
+        after = training_losses(trainer.model, fixed, cfg, cpu)
+    assert float(after["luma"]) < 0.6 * float(before["luma"]), (before, after)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_is_bit_identical(train_dir: Path, tmp_path: Path, precision: str):
     cfg = _config(train_dir, steps=6, precision=precision)
@@ -368,6 +397,12 @@ def test_auto_precision_trains_in_bf16_only_where_native(
     assert bad.exit_code == 2 and "--loss" in bad.output
     bad = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "bad"), "--config", "huge"])
     assert bad.exit_code == 2 and "--config" in bad.output and "compact-deep" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "bad"), "--luma-weight", "-1"])
+    assert bad.exit_code == 2 and "--luma-weight" in bad.output
+    result = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "y"), "--luma-weight", "2"])
+    assert result.exit_code == 0, result.output
+    saved = torch.load(tmp_path / "y" / "state.pt", map_location="cpu", weights_only=True)
+    assert saved["config"]["luma_weight"] == 2.0
 
 
 def test_init_with_a_deeper_preset_grows_edsr(

@@ -90,6 +90,13 @@ def train(
             "(for a final fine-tune)."
         ),
     ] = "l1",
+    luma_weight: Annotated[
+        float,
+        typer.Option(
+            help="Add this weight times the same loss on BT.601 luma (Y, what PSNR_Y and SSIM_Y "
+            "read) to the RGB loss; 0: RGB only, as in the paper."
+        ),
+    ] = 0.0,
     quant_grad: Annotated[str, typer.Option(help="Rounding gradient: ste or soft.")] = "ste",
     soft_alpha: Annotated[float, typer.Option(help="Soft-round alpha (with soft).")] = 0.5,
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
@@ -138,6 +145,8 @@ def train(
         raise typer.BadParameter("--scale must be 2 or 4")
     if loss not in RECONSTRUCTION_LOSSES:
         raise typer.BadParameter(f"--loss must be {' or '.join(RECONSTRUCTION_LOSSES)}")
+    if luma_weight < 0:
+        raise typer.BadParameter("--luma-weight must be 0 or more")
     if config not in PRESETS:
         raise typer.BadParameter(f"--config must be one of {', '.join(PRESETS)}")
     budget = parse_duration(time_budget) if time_budget else None
@@ -169,8 +178,8 @@ def train(
             scale=scale, data=[str(d) for d in data], val=[str(v) for v in val], config=config,
             steps=steps, time_budget=budget, batch=batch, patch=patch, lr=lr, min_lr=min_lr,
             warmup=warmup, offset_weight=offset_weight, tv_weight=tv_weight, loss=loss,
-            quant_grad=quant_grad, soft_alpha=soft_alpha, ema=ema, bicubic_init=bicubic_init,
-            reset_heads=reset_heads, sr_pretrain=sr_pretrain,
+            luma_weight=luma_weight, quant_grad=quant_grad, soft_alpha=soft_alpha, ema=ema,
+            bicubic_init=bicubic_init, reset_heads=reset_heads, sr_pretrain=sr_pretrain,
             init=str(init) if init else None, precision=precision, channels_last=channels_last,
             threads=threads, val_every=val_every, log_every=log_every,
             checkpoint_minutes=checkpoint_minutes, seed=seed,

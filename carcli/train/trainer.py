@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from carcli.metrics import PEAK, rgb_to_y
 from carcli.models import CARModel, deepened, preset
 from carcli.ops import resample
 from carcli.tiling import default_precision
@@ -48,6 +49,7 @@ class TrainConfig:
     offset_weight: float = 0.001
     tv_weight: float = 0.005
     loss: str = "l1"  # reconstruction loss: "l1" (the paper's) or "mse" (PSNR's own, to fine-tune)
+    luma_weight: float = 0.0  # extra weight on the loss of BT.601 luma, the channel PSNR_Y reads
     quant_grad: str = "ste"  # "ste" or "soft"
     soft_alpha: float = 0.5
     ema: float = 0.999  # 0 disables
@@ -144,6 +146,11 @@ def training_losses(
     if cfg.loss != "l1":
         losses[cfg.loss] = RECONSTRUCTION_LOSSES[cfg.loss](sr, hr)
     total = losses[cfg.loss]
+    if cfg.luma_weight > 0:
+        # Y / 255 is on the RGB loss's [0, 1] scale (its offset cancels in the difference).
+        y_sr, y_hr = rgb_to_y(sr) / PEAK, rgb_to_y(hr) / PEAK
+        losses["luma"] = RECONSTRUCTION_LOSSES[cfg.loss](y_sr, y_hr)
+        total = total + cfg.luma_weight * losses["luma"]
     if freeze_resampler:
         losses["total"] = total
         return losses
