@@ -8,14 +8,34 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("carcli")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from carcli.checkpoints import load_model  # noqa: E402
-from carcli.pipeline import downscale, roundtrip, upscale  # noqa: E402
-
 __all__ = ["__version__", "downscale", "load_model", "roundtrip", "upscale"]
+
+# The API is imported on first use (PEP 562), so that `car --help` and the other
+# pure command-line paths do not pay for importing torch.
+_LAZY = {
+    "load_model": "carcli.checkpoints",
+    "downscale": "carcli.pipeline",
+    "roundtrip": "carcli.pipeline",
+    "upscale": "carcli.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'carcli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

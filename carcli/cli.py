@@ -13,39 +13,19 @@ import json
 from collections.abc import Iterator, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from carcli import __version__
-from carcli.checkpoints import WeightsError, load_model
-from carcli.console import (
-    ConsoleReporter,
-    info_tables,
-    roundtrip_table,
-    stderr_console,
-    stdout_console,
-)
-from carcli.imageio import FORMATS, IMAGE_SUFFIXES, ImageWriteError, atomic_write_bytes
-from carcli.pipeline import (
-    DownscaleTask,
-    Outcome,
-    Processor,
-    RoundtripTask,
-    Task,
-    UpscaleTask,
-    UsageError,
-    check_paths,
-    collect_inputs,
-    make_items,
-    output_target,
-    resolve_device,
-    roundtrip_report,
-    run_batch,
-)
-from carcli.refine import DEFAULT_MAX_CHANGE
-from carcli.tiling import set_cpu_threads
+from carcli.console import stderr_console
+from carcli.defaults import REFINE_MAX_CHANGE
 from carcli.train import commands as train_commands
+
+# The modules behind the commands import torch (seconds), so they are imported in
+# the command bodies: `car --help` and usage errors answer without them.
+if TYPE_CHECKING:
+    from carcli.pipeline import Outcome, Processor, Task
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 LOSSY_REFUSED = (
@@ -207,6 +187,9 @@ QualityOpt = Annotated[
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn the errors a user can cause into one line and an exit code, never a traceback."""
+    from carcli.checkpoints import WeightsError
+    from carcli.pipeline import UsageError
+
     err = stderr_console()
     try:
         yield
@@ -232,9 +215,13 @@ def _processor(
     tile: int | None = None,
     threads: int | None = None,
     refine: int = 0,
-    refine_range: int = DEFAULT_MAX_CHANGE,
+    refine_range: int = REFINE_MAX_CHANGE,
 ) -> Processor:
     """The model on its device, tuned: channels-last, the precision, tiles, threads."""
+    from carcli.checkpoints import load_model
+    from carcli.pipeline import Processor, resolve_device
+    from carcli.tiling import set_cpu_threads
+
     dev = resolve_device(device)
     if threads is not None or dev.type == "cpu":
         set_cpu_threads(threads)
@@ -251,6 +238,10 @@ def _processor(
 
 
 def _run(task: Task, source: Path, recursive: bool, quiet: bool) -> list[Outcome]:
+    from carcli.console import ConsoleReporter
+    from carcli.imageio import IMAGE_SUFFIXES
+    from carcli.pipeline import UsageError, collect_inputs, make_items, run_batch
+
     inputs = collect_inputs(source, recursive)
     if not inputs:
         kinds = " ".join(sorted(IMAGE_SUFFIXES))
@@ -262,6 +253,8 @@ def _run(task: Task, source: Path, recursive: bool, quiet: bool) -> list[Outcome
 def _write_json(path: Path | None, data: dict[str, Any]) -> bool:
     if path is None:
         return True
+    from carcli.imageio import ImageWriteError, atomic_write_bytes
+
     text = json.dumps(data, indent=2, default=str) + "\n"
     try:
         atomic_write_bytes(path, text.encode())
@@ -345,7 +338,7 @@ def downscale(
     ] = False,
     quality: QualityOpt = 95,
     refine: RefineOpt = 0,
-    refine_range: RefineRangeOpt = DEFAULT_MAX_CHANGE,
+    refine_range: RefineRangeOpt = REFINE_MAX_CHANGE,
     tile: TileOpt = None,
     precision: PrecisionOpt = Precision.auto,
     threads: ThreadsOpt = None,
@@ -360,6 +353,9 @@ def downscale(
     read at full precision; the downscaled image is 8-bit by design. Alpha is
     resized with bicubic and kept (RGBA PNG).
     """
+    from carcli.imageio import FORMATS
+    from carcli.pipeline import DownscaleTask, UsageError, check_paths, output_target
+
     with _user_errors():
         check_paths(input, output, recursive)
         out_dir, out_file, fmt_name = output_target(input, output, fmt.value if fmt else None)
@@ -411,6 +407,8 @@ def upscale(
     inputs give 16-bit PNGs. Use the same --scale and weights as for
     downscaling: the SR network only understands its own resampler's images.
     """
+    from carcli.pipeline import UpscaleTask, check_paths, output_target
+
     with _user_errors():
         check_paths(input, output, recursive)
         out_dir, out_file, fmt_name = output_target(input, output, fmt.value if fmt else None)
@@ -455,7 +453,7 @@ def roundtrip(
         ),
     ] = False,
     refine: RefineOpt = 0,
-    refine_range: RefineRangeOpt = DEFAULT_MAX_CHANGE,
+    refine_range: RefineRangeOpt = REFINE_MAX_CHANGE,
     tile: TileOpt = None,
     precision: PrecisionOpt = Precision.auto,
     threads: ThreadsOpt = None,
@@ -470,6 +468,9 @@ def roundtrip(
     11x11 Gaussian window (sigma 1.5). The result equals `car downscale` to PNG
     followed by `car upscale`.
     """
+    from carcli.console import roundtrip_table, stdout_console
+    from carcli.pipeline import RoundtripTask, UsageError, check_paths, roundtrip_report
+
     with _user_errors():
         if input is None:
             if not SAMPLES_DIR.is_dir():
@@ -510,6 +511,7 @@ def roundtrip(
 @app.command()
 def info(json_file: JsonOpt = None) -> None:
     """Versions, devices and their resampling backend, installed weights and where they live."""
+    from carcli.console import info_tables, stdout_console
     from carcli.info import gather
 
     data = gather()

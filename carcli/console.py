@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -26,7 +26,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from carcli.pipeline import Outcome, Summary
+if TYPE_CHECKING:  # the CLI imports this module before torch (see carcli.defaults)
+    from carcli.pipeline import Outcome, Summary
 
 
 def stderr_console() -> Console:

@@ -23,11 +23,12 @@ from collections.abc import Callable
 
 import torch
 
+from carcli.defaults import REFINE_MAX_CHANGE
 from carcli.models import CARModel
 from carcli.tiling import autocast, grid, sr_features, sr_tail
 from carcli.train.losses import quantize_for_training
 
-DEFAULT_MAX_CHANGE = 4  # 8-bit levels a refined LR pixel may move from the resampler's
+DEFAULT_MAX_CHANGE = REFINE_MAX_CHANGE  # 8-bit levels an LR pixel may move from the resampler's
 DEFAULT_STEP = 0.002  # Adam step, in [0, 1] units (about half an 8-bit level)
 # Around a tile, SCORED LR pixels whose reconstruction is also scored (the tile's
 # pixels change it), then CONTEXT more fed to the SR network as fixed input. EDSR's

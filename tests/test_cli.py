@@ -17,6 +17,7 @@ from conftest import photo
 from PIL import Image
 from typer.testing import CliRunner
 
+import carcli
 from carcli import cli
 from carcli.cli import app
 
@@ -277,6 +278,28 @@ def test_help_and_version() -> None:
         [sys.executable, "-m", "carcli", "--version"], capture_output=True, text=True, check=True
     )
     assert result.stdout.startswith("carcli ")
+
+
+def test_help_and_usage_errors_do_not_import_torch() -> None:
+    """`car --help` and a bad option answer without importing torch (seconds of start-up);
+    the API names of the package still resolve, on first use."""
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from carcli.cli import app\n"
+        "runner = CliRunner()\n"
+        "for args in (['--help'], ['train', '--help'], ['roundtrip', '--scale', '3']):\n"
+        "    result = runner.invoke(app, args)\n"
+        "    print(result.exit_code, 'torch' in sys.modules)\n"
+        "import carcli\n"
+        "print(callable(carcli.roundtrip), 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split("\n")[:4] == ["0 False", "0 False", "2 False", "True True"]
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        carcli.nonexistent  # noqa: B018
 
 
 def test_single_file_to_named_output(tmp_path: Path, tiny_weights) -> None:

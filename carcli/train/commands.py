@@ -7,22 +7,14 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 
-from carcli.models import PRESETS
-from carcli.pipeline import resolve_device
-from carcli.train.progress import make_display
-from carcli.train.trainer import (
-    BEST_NAME,
-    RECONSTRUCTION_LOSSES,
-    STATE_NAME,
-    TrainConfig,
-    Trainer,
-    training_precision,
-)
+# torch and the trainer are imported in the command bodies, so that `car --help`
+# answers without them (see carcli.defaults).
+if TYPE_CHECKING:
+    import torch
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
@@ -139,6 +131,19 @@ def train(
     ] = False,
 ) -> None:
     """Train a CAR pair (resampler + EDSR) jointly; resumable, validated, exportable."""
+    import torch
+
+    from carcli.models import PRESETS
+    from carcli.pipeline import resolve_device
+    from carcli.train.progress import make_display
+    from carcli.train.trainer import (
+        RECONSTRUCTION_LOSSES,
+        STATE_NAME,
+        TrainConfig,
+        Trainer,
+        training_precision,
+    )
+
     if patch % 8:
         raise typer.BadParameter("--patch must be a multiple of 8")
     if scale not in (2, 4):
@@ -214,8 +219,11 @@ def export(
     ] = True,
 ) -> None:
     """Write an inference checkpoint (safetensors + metadata) from a training run."""
+    import torch
+
     from carcli.checkpoints import WeightsError
     from carcli.train.export import export_run
+    from carcli.train.trainer import BEST_NAME, STATE_NAME
 
     if which not in ("best", "last"):
         raise typer.BadParameter("--which must be best or last")
@@ -267,6 +275,8 @@ def average(
     often validates better than each; the ingredients' file hashes, steps and
     metrics are kept in the metadata.
     """
+    import torch
+
     from carcli.checkpoints import WeightsError, save_checkpoint
     from carcli.train.average import average_checkpoints
     from carcli.train.export import cpu_timing
