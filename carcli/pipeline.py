@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from carcli import metrics
+from carcli.defaults import REFINE_MAX_CHANGE
 from carcli.imageio import (
     FORMATS,
     SCALE_KEY,
@@ -55,7 +56,7 @@ from carcli.imageio import (
 )
 from carcli.models import CARModel, lr_size, quantize
 from carcli.ops.reference import reflect_pad
-from carcli.refine import DEFAULT_MAX_CHANGE, refine
+from carcli.refine import refine
 from carcli.refine import tile_side as refine_tile_side
 from carcli.resize import bicubic_downscale, bicubic_upscale
 from carcli.streaming import OrderedWorker, Prefetcher
@@ -157,7 +158,7 @@ class Processor:
         channels_last: bool = False,
         memory_budget: int | None = None,
         refine: int = 0,
-        refine_max_change: int = DEFAULT_MAX_CHANGE,
+        refine_max_change: int = REFINE_MAX_CHANGE,
     ) -> None:
         device = torch.device(device)
         try:

@@ -28,7 +28,6 @@ from carcli.models import CARModel
 from carcli.tiling import autocast, grid, sr_features, sr_tail
 from carcli.train.losses import quantize_for_training
 
-DEFAULT_MAX_CHANGE = REFINE_MAX_CHANGE  # 8-bit levels an LR pixel may move from the resampler's
 DEFAULT_STEP = 0.002  # Adam step, in [0, 1] units (about half an 8-bit level)
 # Around a tile, SCORED LR pixels whose reconstruction is also scored (the tile's
 # pixels change it), then CONTEXT more fed to the SR network as fixed input. EDSR's
@@ -68,7 +67,7 @@ def refine_tile(
     hr: torch.Tensor,
     free: tuple[slice, slice],
     steps: int,
-    max_change: int = DEFAULT_MAX_CHANGE,
+    max_change: int = REFINE_MAX_CHANGE,
     step_size: float = DEFAULT_STEP,
     scored: tuple[slice, slice] | None = None,
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -120,7 +119,7 @@ def refine(
     lr: torch.Tensor,
     hr: torch.Tensor,
     steps: int,
-    max_change: int = DEFAULT_MAX_CHANGE,
+    max_change: int = REFINE_MAX_CHANGE,
     tile: int | None = None,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
