@@ -15,6 +15,7 @@ message, so the CLI can print it instead of a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -182,6 +183,15 @@ def save_checkpoint(model: CARModel, path: Path, metadata: dict | None = None) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, so a checkpoint made from others records exactly which ones."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

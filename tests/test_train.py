@@ -470,3 +470,41 @@ def test_export_without_timing_keeps_the_init_measurement(
     init.unlink()  # the starting point is gone: nothing to keep, nothing invented
     meta = export_run(tmp_path / "same", tmp_path / "gone.safetensors", "last", timing=False)
     assert "cpu_timing" not in meta
+
+
+def test_a_relative_init_is_recorded_absolute_with_its_digest(
+    train_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """`car train --init weights/x` then `car export` from elsewhere, after the file was replaced
+    by the export (as when shipping): the record still names exactly the file it started from."""
+    from typer.testing import CliRunner
+
+    from carcli.checkpoints import file_digest, save_checkpoint
+    from carcli.cli import app
+
+    base = Trainer(_config(train_dir, steps=1), tmp_path / "base", torch.device("cpu"), quiet=True)
+    base.run()
+    project = tmp_path / "project"
+    (project / "weights").mkdir(parents=True)
+    init = project / "weights" / "init.safetensors"
+    timing = {"image": "1632x1224", "threads": 2, "fp32": {"roundtrip_s": 4.2}}
+    save_checkpoint(base.ema, init, {"cpu_timing": timing})
+    digest = file_digest(init)
+
+    monkeypatch.chdir(project)
+    args = ["train", "--scale", "2", "--config", "tiny", "--patch", "32", "--batch", "2"]
+    args += ["--data", str(train_dir), "--val", str(train_dir), "--val-every", "0"]
+    args += ["--steps", "1", "--device", "cpu"]
+    args += ["--init", "weights/init.safetensors", "--run", "runs/a", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path)
+    shipped = project / "weights" / "init.safetensors"  # the fine-tune replaces its starting point
+    result = CliRunner().invoke(
+        app, ["export", str(project / "runs" / "a"), str(shipped), "--which", "last", "--no-timing"]
+    )
+    assert result.exit_code == 0, result.output
+    _, meta = load_checkpoint(shipped)
+    assert meta["recipe"]["init"] == str(init.resolve())
+    assert meta["recipe"]["init_sha256"] == digest != file_digest(shipped)
+    assert meta["cpu_timing"] == timing  # found from another folder; same network, same cost

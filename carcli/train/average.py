@@ -9,28 +9,18 @@ checkpoints of the last few runs are natural ingredients.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from carcli.checkpoints import WeightsError, load_checkpoint
+from carcli.checkpoints import WeightsError, file_digest, load_checkpoint
 from carcli.models import CARModel
 
 # Metadata an average inherits only if every ingredient agrees on it.
 SHARED_KEYS = ("training_data",)
 # Ingredient metadata worth keeping in the average's record.
 INGREDIENT_KEYS = ("source", "steps", "recipe", "validation")
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file, so an average records exactly which files went into it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def average_checkpoints(paths: Sequence[Path]) -> tuple[CARModel, dict]:

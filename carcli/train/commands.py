@@ -133,6 +133,7 @@ def train(
     """Train a CAR pair (resampler + EDSR) jointly; resumable, validated, exportable."""
     import torch
 
+    from carcli.checkpoints import file_digest
     from carcli.models import PRESETS
     from carcli.pipeline import resolve_device
     from carcli.train.progress import make_display
@@ -185,7 +186,9 @@ def train(
             warmup=warmup, offset_weight=offset_weight, tv_weight=tv_weight, loss=loss,
             luma_weight=luma_weight, quant_grad=quant_grad, soft_alpha=soft_alpha, ema=ema,
             bicubic_init=bicubic_init, reset_heads=reset_heads, sr_pretrain=sr_pretrain,
-            init=str(init) if init else None, precision=precision, channels_last=channels_last,
+            init=str(init.resolve()) if init else None,
+            init_sha256=file_digest(init) if init and init.is_file() else None,
+            precision=precision, channels_last=channels_last,
             threads=threads, val_every=val_every, log_every=log_every,
             checkpoint_minutes=checkpoint_minutes, seed=seed,
         )  # fmt: skip

@@ -37,7 +37,7 @@ class TrainConfig:
     val: list[str]
     config: str = "compact"
     steps: int | None = None  # total optimisation steps (cosine schedule length)
-    time_budget: float | None = None  # seconds for this invocation
+    time_budget: float | None = None  # training seconds in all, counted across resumes
     batch: int = 16
     patch: int = 96  # HR crop side
     lr: float = 5e-4
@@ -56,7 +56,8 @@ class TrainConfig:
     bicubic_init: bool = True
     sr_pretrain: int = 0  # first steps train the SR network alone on the initial resampler's LR
     reset_heads: bool = False  # with init: fresh kernel/offset heads, started as bicubic
-    init: str | None = None  # start from an inference checkpoint
+    init: str | None = None  # start from an inference checkpoint (absolute path)
+    init_sha256: str | None = None  # of that file, so the record names it after it is replaced
     precision: str = "bf16"  # bf16 autocast for the networks, or fp32 (see training_precision)
     channels_last: bool = True
     threads: int | None = None
