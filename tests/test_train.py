@@ -405,6 +405,61 @@ def test_auto_precision_trains_in_bf16_only_where_native(
     assert saved["config"]["luma_weight"] == 2.0
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--quant-grad", "round"),
+        ("--soft-alpha", "1.5"),
+        ("--ema", "1"),
+        ("--batch", "0"),
+        ("--patch", "36"),
+        ("--min-lr", "0.1"),
+        ("--scale", "3"),
+        ("--val-every", "-1"),
+        ("--tv-weight", "-0.5"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_data_is_read(
+    train_dir: Path, tmp_path: Path, option: str, value: str
+):
+    from typer.testing import CliRunner
+
+    from carcli.cli import app
+
+    run = tmp_path / "run"
+    args = ["train", "--scale", "2", "--config", "tiny", "--patch", "32", "--batch", "2"]
+    args += ["--data", str(train_dir), "--val", str(train_dir), "--run", str(run), "--steps", "1"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--quiet", option, value])
+    assert result.exit_code == 2
+    assert option in result.output
+    assert not run.exists()  # refused before the trainer made the run folder or read an image
+
+
+def test_a_resume_with_a_bad_setting_is_refused_and_the_state_kept(train_dir: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from carcli.cli import app
+
+    run = tmp_path / "run"
+    args = ["train", "--scale", "2", "--config", "tiny", "--patch", "32", "--batch", "2"]
+    args += ["--data", str(train_dir), "--val", str(train_dir), "--val-every", "0"]
+    args += ["--run", str(run), "--steps", "2", "--device", "cpu", "--quiet"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = (run / "state.pt").read_bytes()
+    bad = CliRunner().invoke(app, [*args, "--resume", "--steps", "3", "--threads", "0"])
+    assert bad.exit_code == 2 and "--threads" in bad.output
+    assert (run / "state.pt").read_bytes() == before
+
+
+def test_the_trainer_itself_refuses_bad_settings(train_dir: Path, tmp_path: Path):
+    from carcli.train.trainer import ConfigError
+
+    with pytest.raises(ConfigError, match="ema") as info:
+        Trainer(_config(train_dir, ema=1.5), tmp_path / "run", torch.device("cpu"), quiet=True)
+    assert info.value.option == "--ema"
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_with_a_deeper_preset_grows_edsr(
     train_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -138,21 +138,13 @@ def train(
     from carcli.pipeline import resolve_device
     from carcli.train.progress import make_display
     from carcli.train.trainer import (
-        RECONSTRUCTION_LOSSES,
         STATE_NAME,
+        ConfigError,
         TrainConfig,
         Trainer,
         training_precision,
     )
 
-    if patch % 8:
-        raise typer.BadParameter("--patch must be a multiple of 8")
-    if scale not in (2, 4):
-        raise typer.BadParameter("--scale must be 2 or 4")
-    if loss not in RECONSTRUCTION_LOSSES:
-        raise typer.BadParameter(f"--loss must be {' or '.join(RECONSTRUCTION_LOSSES)}")
-    if luma_weight < 0:
-        raise typer.BadParameter("--luma-weight must be 0 or more")
     if config not in PRESETS:
         raise typer.BadParameter(f"--config must be one of {', '.join(PRESETS)}")
     budget = parse_duration(time_budget) if time_budget else None
@@ -192,6 +184,10 @@ def train(
             threads=threads, val_every=val_every, log_every=log_every,
             checkpoint_minutes=checkpoint_minutes, seed=seed,
         )  # fmt: skip
+    try:
+        cfg.check()  # before the minutes of decoding the training images
+    except ConfigError as exc:
+        raise typer.BadParameter(exc.reason, param_hint=exc.option) from None
     if cfg.steps is None and cfg.time_budget is None:
         raise typer.BadParameter("give --steps or --time-budget")
     evaluator = make_evaluator([Path(v) for v in cfg.val], dev) if cfg.val else None

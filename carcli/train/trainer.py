@@ -67,8 +67,54 @@ class TrainConfig:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    def check(self) -> None:
+        """Refuse settings that would otherwise fail, or mislead, after minutes of decoding data.
+
+        Raises :class:`ConfigError` naming the first bad field (the CLI reports it as its option).
+        """
+        losses = " or ".join(RECONSTRUCTION_LOSSES)
+        rules = (
+            ("scale", self.scale in (2, 4), "must be 2 or 4"),
+            ("patch", self.patch > 0 and self.patch % 8 == 0, "must be a positive multiple of 8"),
+            ("batch", self.batch >= 1, "must be 1 or more"),
+            ("steps", self.steps is None or self.steps >= 1, "must be 1 or more"),
+            ("time_budget", self.time_budget is None or self.time_budget > 0, "must be positive"),
+            ("lr", self.lr > 0, "must be positive"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, "must be between 0 and --lr"),
+            ("warmup", self.warmup >= 0, "must be 0 or more"),
+            ("grad_clip", self.grad_clip >= 0, "must be 0 (off) or more"),
+            ("offset_weight", self.offset_weight >= 0, "must be 0 or more"),
+            ("tv_weight", self.tv_weight >= 0, "must be 0 or more"),
+            ("loss", self.loss in RECONSTRUCTION_LOSSES, f"must be {losses}"),
+            ("luma_weight", self.luma_weight >= 0, "must be 0 or more"),
+            ("quant_grad", self.quant_grad in ("ste", "soft"), "must be ste or soft"),
+            ("soft_alpha", 0 <= self.soft_alpha <= 1, "must be between 0 and 1"),
+            ("ema", 0 <= self.ema < 1, "must be at least 0 (off) and below 1"),
+            ("sr_pretrain", self.sr_pretrain >= 0, "must be 0 or more"),
+            ("precision", self.precision in ("bf16", "fp32"), "must be bf16 or fp32"),
+            ("val_every", self.val_every >= 0, "must be 0 (never) or more"),
+            ("log_every", self.log_every >= 1, "must be 1 or more"),
+            ("checkpoint_minutes", self.checkpoint_minutes > 0, "must be positive"),
+            ("threads", self.threads is None or self.threads >= 1, "must be 1 or more"),
+        )
+        for name, ok, reason in rules:
+            if not ok:
+                raise ConfigError(name, reason)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ConfigError(ValueError):
+    """A training setting out of range; ``name`` is the TrainConfig field."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name} {reason}")
+        self.name, self.reason = name, reason
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -175,6 +221,7 @@ class Trainer:
         quiet: bool = False,
         display: TrainDisplay | None = None,
     ) -> None:
+        cfg.check()
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = device
