@@ -6,6 +6,9 @@ import math
 
 import torch
 
+# The rounding gradients quantize_for_training offers: straight-through, or soft-round.
+QUANT_GRADIENTS = ("ste", "soft")
+
 
 class _Quantize(torch.autograd.Function):
     """Round to the 8-bit grid forward; soft-round (or straight-through) gradient backward."""
@@ -33,7 +36,7 @@ def quantize_for_training(
     The clamp to [0, 1] passes gradients straight through, so a resampler that
     overshoots is still pulled back by the reconstruction loss.
     """
-    if gradient not in ("ste", "soft"):
+    if gradient not in QUANT_GRADIENTS:
         raise ValueError(f"quantisation gradient must be 'ste' or 'soft', got {gradient!r}")
     return _Quantize.apply(lr, alpha if gradient == "soft" else 0.0)
 

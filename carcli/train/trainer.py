@@ -20,7 +20,7 @@ from carcli.models import CARModel, deepened, preset
 from carcli.ops import resample
 from carcli.tiling import default_precision
 from carcli.train.data import PatchSampler
-from carcli.train.losses import offset_loss, quantize_for_training, tv_loss
+from carcli.train.losses import QUANT_GRADIENTS, offset_loss, quantize_for_training, tv_loss
 from carcli.train.progress import TrainDisplay, status_line
 
 STATE_NAME = "state.pt"
@@ -72,7 +72,7 @@ class TrainConfig:
 
         Raises :class:`ConfigError` naming the first bad field (the CLI reports it as its option).
         """
-        losses = " or ".join(RECONSTRUCTION_LOSSES)
+        losses, gradients = " or ".join(RECONSTRUCTION_LOSSES), " or ".join(QUANT_GRADIENTS)
         rules = (
             ("scale", self.scale in (2, 4), "must be 2 or 4"),
             ("patch", self.patch > 0 and self.patch % 8 == 0, "must be a positive multiple of 8"),
@@ -87,7 +87,7 @@ class TrainConfig:
             ("tv_weight", self.tv_weight >= 0, "must be 0 or more"),
             ("loss", self.loss in RECONSTRUCTION_LOSSES, f"must be {losses}"),
             ("luma_weight", self.luma_weight >= 0, "must be 0 or more"),
-            ("quant_grad", self.quant_grad in ("ste", "soft"), "must be ste or soft"),
+            ("quant_grad", self.quant_grad in QUANT_GRADIENTS, f"must be {gradients}"),
             ("soft_alpha", 0 <= self.soft_alpha <= 1, "must be between 0 and 1"),
             ("ema", 0 <= self.ema < 1, "must be at least 0 (off) and below 1"),
             ("sr_pretrain", self.sr_pretrain >= 0, "must be 0 or more"),
