@@ -37,7 +37,8 @@ def quantize_for_training(
     overshoots is still pulled back by the reconstruction loss.
     """
     if gradient not in QUANT_GRADIENTS:
-        raise ValueError(f"quantisation gradient must be 'ste' or 'soft', got {gradient!r}")
+        names = " or ".join(repr(name) for name in QUANT_GRADIENTS)
+        raise ValueError(f"quantisation gradient must be {names}, got {gradient!r}")
     return _Quantize.apply(lr, alpha if gradient == "soft" else 0.0)
 
 
