@@ -106,7 +106,7 @@ def train(
         typer.Option(
             help="auto: bf16 autocast where the device computes bfloat16 natively (CUDA, "
             "AVX512-BF16/AMX CPUs), else fp32; or bf16, fp32. Fine-tunes of trained "
-            "weights did better in fp32 (README, \"Training your own models\")."
+            'weights did better in fp32 (README, "Training your own models").'
         ),
     ] = "auto",
     channels_last: Annotated[
