@@ -25,7 +25,7 @@ import torch
 
 from carcli.defaults import REFINE_MAX_CHANGE
 from carcli.models import CARModel
-from carcli.tiling import autocast, grid, sr_features, sr_tail
+from carcli.tiling import autocast, grid, sr_forward
 from carcli.train.losses import quantize_for_training
 
 DEFAULT_STEP = 0.002  # Adam step, in [0, 1] units (about half an 8-bit level)
@@ -51,14 +51,6 @@ def tile_side(model: CARModel, budget: int, precision: str = "fp32") -> int:
     size = 4 if precision == "fp32" else 3
     side = math.isqrt(int(budget / (2 * size * per_pixel)))
     return max(16, side - 2 * (CONTEXT + SCORED))
-
-
-def _restore(
-    model: CARModel, lr: torch.Tensor, amp: contextlib.AbstractContextManager
-) -> torch.Tensor:
-    with amp:
-        feats = sr_features(model.sr, lr)
-    return sr_tail(model.sr, feats, amp)
 
 
 def refine_tile(
@@ -97,7 +89,7 @@ def refine_tile(
         q = quantize_for_training(z)
         full = lr.clone()
         full[..., rows, cols] = q
-        out = _restore(model, full, amp())
+        out = sr_forward(model.sr, full, amp())
         err = out[..., region[0], region[1]].float() - target
         loss = (err.square() * weight).sum() / total
         if loss.item() < best_loss:

@@ -29,6 +29,21 @@ def photo(height: int, width: int, seed: int = 0, channels: int = 3) -> np.ndarr
     return np.clip(np.stack(planes, axis=-1) * 255, 0, 255).round().astype(np.uint8)
 
 
+def record_dtypes(modules: dict[str, torch.nn.Module]) -> dict[str, tuple]:
+    """Input and output dtypes of each module's latest call, filled in as they run."""
+    seen: dict[str, tuple] = {}
+
+    def hook(name: str) -> Callable:
+        def record(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            seen[name] = (args[0].dtype, out.dtype)
+
+        return record
+
+    for name, module in modules.items():
+        module.register_forward_hook(hook(name))
+    return seen
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with randomly initialised tiny checkpoints ``car_x2`` and ``car_x4``."""

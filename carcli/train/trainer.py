@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from carcli.metrics import PEAK, rgb_to_y
 from carcli.models import CARModel, deepened, preset
 from carcli.ops import resample
-from carcli.tiling import default_precision
+from carcli.tiling import default_precision, float_kernel_head, sr_forward
 from carcli.train.data import PatchSampler
 from carcli.train.losses import QUANT_GRADIENTS, offset_loss, quantize_for_training, tv_loss
 from carcli.train.progress import TrainDisplay, status_line
@@ -176,16 +176,16 @@ def training_losses(
     regularisers, constants then, are left out.
     """
     grad = contextlib.nullcontext() if not freeze_resampler else torch.no_grad()
-    with grad, _autocast(cfg.precision, device):
+    # The same float32 islands as inference (carcli.tiling): the kernel head's
+    # normalisation, and EDSR's first and last convs.
+    with grad, _autocast(cfg.precision, device), float_kernel_head(model, cfg.precision):
         kernels, offsets_h, offsets_v = model.resampler(hr)
     kernels, offsets_h, offsets_v = kernels.float(), offsets_h.float(), offsets_v.float()
     lr = resample(hr, kernels, offsets_h, offsets_v, model.scale)
     lr_q = quantize_for_training(lr, cfg.quant_grad, cfg.soft_alpha)
     if cfg.channels_last:
         lr_q = lr_q.contiguous(memory_format=torch.channels_last)
-    with _autocast(cfg.precision, device):
-        sr = model.sr(lr_q)
-    sr = sr.float()
+    sr = sr_forward(model.sr, lr_q, _autocast(cfg.precision, device))
     if cfg.loss not in RECONSTRUCTION_LOSSES:
         names = " or ".join(RECONSTRUCTION_LOSSES)
         raise ValueError(f"reconstruction loss must be {names}, got {cfg.loss!r}")
