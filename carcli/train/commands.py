@@ -105,8 +105,8 @@ def train(
         str,
         typer.Option(
             help="auto: bf16 autocast where the device computes bfloat16 natively (CUDA, "
-            "AVX512-BF16/AMX CPUs), else fp32; or bf16, fp32. Fine-tunes of trained "
-            'weights did better in fp32 (README, "Training your own models").'
+            "AVX512-BF16/AMX CPUs), else fp32; or bf16, fp32. The kernel normalisation "
+            "and EDSR's first and last convs always run in float32, as in inference."
         ),
     ] = "auto",
     channels_last: Annotated[
