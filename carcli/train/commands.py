@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from carcli.defaults import QUANT_GRADIENTS
+
 # torch and the trainer are imported in the command bodies, so that `car --help`
 # answers without them (see carcli.defaults).
 if TYPE_CHECKING:
@@ -89,7 +91,13 @@ def train(
             "read) to the RGB loss; 0: RGB only, as in the paper."
         ),
     ] = 0.0,
-    quant_grad: Annotated[str, typer.Option(help="Rounding gradient: ste or soft.")] = "ste",
+    quant_grad: Annotated[
+        str,
+        typer.Option(
+            help=f"Gradient of the 8-bit rounding: {' or '.join(QUANT_GRADIENTS)} "
+            "(straight-through or soft-round)."
+        ),
+    ] = "ste",
     soft_alpha: Annotated[float, typer.Option(help="Soft-round alpha (with soft).")] = 0.5,
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
     bicubic_init: Annotated[bool, typer.Option(help="Start the resampler as bicubic.")] = True,

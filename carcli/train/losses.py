@@ -6,8 +6,7 @@ import math
 
 import torch
 
-# The rounding gradients quantize_for_training offers: straight-through, or soft-round.
-QUANT_GRADIENTS = ("ste", "soft")
+from carcli.defaults import QUANT_GRADIENTS
 
 
 class _Quantize(torch.autograd.Function):
