@@ -156,6 +156,8 @@ def save_checkpoint(model: CARModel, path: Path, metadata: dict | None = None) -
     truncated file where ``car`` would look for weights.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # os.replace would swap out a device or FIFO
+        raise WeightsError(f"{path}: exists and is not a regular file; not replaced")
     config = model.config.to_dict()
     header = {"format": FORMAT, "config": json.dumps(config), "scale": str(model.config.scale)}
     ours = {"format": FORMAT, "config": config, "scale": model.config.scale}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -173,6 +174,16 @@ METADATA = {
     "tiny_float": 1.2345678901234567e-09,
     "flags": [True, False],
 }
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
+def test_save_refuses_to_replace_a_non_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(WeightsError, match="not a regular file"):
+        save_checkpoint(tiny(2), fifo)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.safetensors"]
 
 
 @pytest.mark.parametrize("scale", [2, 4])
