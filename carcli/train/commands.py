@@ -305,7 +305,11 @@ def average(
         metadata["validation"] = make_evaluator(list(val), torch.device("cpu"))(model)
     if timing:
         metadata["cpu_timing"] = cpu_timing(model)
-    save_checkpoint(model, output, metadata)
+    try:
+        save_checkpoint(model, output, metadata)
+    except WeightsError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     summary = {"written": str(output), "ingredients": len(inputs)}
     summary.update({k: metadata[k] for k in ("validation", "cpu_timing") if k in metadata})
     typer.echo(json.dumps(summary))
