@@ -309,9 +309,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a hidden temp file in the same folder and rename, so no partial file is left.
 
     An interrupted batch therefore never leaves a half-written output that a
-    resumed run would skip as done.
+    resumed run would skip as done. A target that exists but is not a regular
+    file (``/dev/stdout``, a FIFO, ``/dev/null``) is written into instead: a
+    rename would swap the device or pipe itself out for a plain file.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        try:
+            with open(path, "wb") as handle:
+                handle.write(data)
+        except OSError as exc:
+            raise ImageWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

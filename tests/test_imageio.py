@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import stat
+import threading
 from pathlib import Path
 
 import cv2
@@ -211,6 +213,30 @@ def test_atomic_write_interrupted_leaves_nothing(
     with pytest.raises(KeyboardInterrupt):
         write_image(tmp_path / "out.png", torch.rand(3, 4, 4))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
+def test_atomic_write_into_a_pipe_writes_through(tmp_path: Path) -> None:
+    # `--json /dev/stdout` or a named pipe: the pipe must stay a pipe and get the bytes.
+    fifo = tmp_path / "report.json"
+    os.mkfifo(fifo)
+    payload = os.urandom(100_000)  # more than a pipe buffer, so the reader must drain it
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    imageio.atomic_write_bytes(fifo, payload)
+    reader.join(timeout=10)
+    assert received == [payload]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_atomic_write_into_a_folder_says_so(tmp_path: Path) -> None:
+    (tmp_path / "out.png").mkdir()
+    with pytest.raises(ImageWriteError, match="out.png"):
+        write_image(tmp_path / "out.png", torch.rand(3, 4, 4))
+    assert (tmp_path / "out.png").is_dir()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
 
 
 def test_encode_errors_write_nothing(tmp_path: Path) -> None:
