@@ -362,6 +362,14 @@ def test_car_train_and_export_commands(train_dir: Path, tmp_path: Path):
     assert summary["steps"] == meta["steps"] == 5 and model.scale == 2
     assert meta["validation"]["val"]["psnr"] == summary["validation"]["val"]["psnr"] > 10
     assert meta["recipe"]["steps"] == 5 and meta["training_data"] == [str(train_dir)]
+    # An existing output is kept unless --overwrite says otherwise.
+    before = out.read_bytes()
+    result = invoke(app, ["export", str(run), str(out), "--no-timing"])
+    assert result.exit_code == 1 and "use --overwrite" in result.stderr
+    assert out.read_bytes() == before
+    result = invoke(app, ["export", str(run), str(out), "--no-timing", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == load_checkpoint(out)[1]["steps"]
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -225,6 +225,9 @@ def export(
             "--init checkpoint's measurement is kept when it is the same network."
         ),
     ] = True,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace OUTPUT if it exists (the shipped weights, say).")
+    ] = False,
 ) -> None:
     """Write an inference checkpoint (safetensors + metadata) from a training run."""
     import torch
@@ -235,6 +238,9 @@ def export(
 
     if which not in ("best", "last"):
         raise typer.BadParameter("--which must be best or last")
+    if output.exists() and not overwrite:
+        typer.echo(f"error: {output}: exists (use --overwrite to replace it)", err=True)
+        raise typer.Exit(1)
     source = run / (BEST_NAME if which == "best" else STATE_NAME)
     if not source.exists():
         hint = " (no validation has run yet: try --which last)" if which == "best" else ""
