@@ -564,9 +564,8 @@ def test_a_relative_init_is_recorded_absolute_with_its_digest(
     assert result.exit_code == 0, result.output
     monkeypatch.chdir(tmp_path)
     shipped = project / "weights" / "init.safetensors"  # the fine-tune replaces its starting point
-    result = CliRunner().invoke(
-        app, ["export", str(project / "runs" / "a"), str(shipped), "--which", "last", "--no-timing"]
-    )
+    export = ["export", str(project / "runs" / "a"), str(shipped), "--which", "last"]
+    result = CliRunner().invoke(app, [*export, "--no-timing", "--overwrite"])
     assert result.exit_code == 0, result.output
     _, meta = load_checkpoint(shipped)
     assert meta["recipe"]["init"] == str(init.resolve())
