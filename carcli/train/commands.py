@@ -50,6 +50,13 @@ def make_evaluator(folders: list[Path], device: torch.device):  # noqa: ANN201
     return evaluate
 
 
+def _keep_existing_unless(overwrite: bool, output: Path) -> None:
+    """Exit before any work when ``output`` exists and ``--overwrite`` was not given."""
+    if output.exists() and not overwrite:
+        typer.echo(f"error: {output}: exists (use --overwrite to replace it)", err=True)
+        raise typer.Exit(1)
+
+
 def train(
     data: Annotated[list[Path], typer.Option("--data", help="Training image folder (repeatable).")],
     val: Annotated[list[Path], typer.Option("--val", help="Validation folder (repeatable).")],
@@ -238,9 +245,7 @@ def export(
 
     if which not in ("best", "last"):
         raise typer.BadParameter("--which must be best or last")
-    if output.exists() and not overwrite:
-        typer.echo(f"error: {output}: exists (use --overwrite to replace it)", err=True)
-        raise typer.Exit(1)
+    _keep_existing_unless(overwrite, output)
     source = run / (BEST_NAME if which == "best" else STATE_NAME)
     if not source.exists():
         hint = " (no validation has run yet: try --which last)" if which == "best" else ""
@@ -295,9 +300,7 @@ def average(
     from carcli.train.average import average_checkpoints
     from carcli.train.export import cpu_timing
 
-    if output.exists() and not overwrite:
-        typer.echo(f"error: {output}: exists (use --overwrite to replace it)", err=True)
-        raise typer.Exit(1)
+    _keep_existing_unless(overwrite, output)
     for folder in val or []:
         if not folder.is_dir():
             typer.echo(f"error: {folder}: not a folder", err=True)
