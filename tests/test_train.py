@@ -201,8 +201,11 @@ def test_quantisation_rounds_forward_and_passes_gradients():
 
 def test_regularisers_match_their_definitions():
     b, k, h, w = 2, 3, 4, 5
+    torch.manual_seed(0)
     dx, dy = torch.randn(b, k * k, h, w), torch.randn(b, k * k, h, w)
     kern = torch.rand(b, k * k, h, w)
+    # Python floats throughout: pytest.approx (9.2+) refuses a 0-d tensor as the expected value.
+    dx, dy, kern = dx.double().numpy(), dy.double().numpy(), kern.double().numpy()
     expected_offset = 0.0
     expected_tv = 0.0
     for n in range(b):
@@ -216,6 +219,8 @@ def test_regularisers_match_their_definitions():
                         expected_tv += abs(dy[n, t, i, j + 1] - dy[n, t, i, j]) * kern[n, t, i, j]
                     if i + 1 < h:
                         expected_tv += abs(dx[n, t, i + 1, j] - dx[n, t, i, j]) * kern[n, t, i, j]
+    dx, dy, kern = (torch.from_numpy(a).float() for a in (dx, dy, kern))
+    expected_offset, expected_tv = float(expected_offset), float(expected_tv)
     assert float(offset_loss(dx, dy)) == pytest.approx(expected_offset / (b * h * w), rel=1e-4)
     assert float(tv_loss(kern, dx, dy)) == pytest.approx(expected_tv / (b * h * w), rel=1e-4)
 
