@@ -40,23 +40,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from carcli.batch import make_items, run_batch
 from carcli.checkpoints import NoWeightsInstalled, load_model
 from carcli.console import ConsoleReporter
+from carcli.engine import Processor
 from carcli.imageio import find_images, read_image
+from carcli.metrics import measure
 from carcli.models import CARModel, preset
-from carcli.pipeline import (
-    DownscaleTask,
-    Processor,
-    RoundtripTask,
-    UpscaleTask,
-    collect_inputs,
-    make_items,
-    measure,
-    quantize_bits,
-    resolve_device,
-    run_batch,
-)
-from carcli.tiling import set_cpu_threads
+from carcli.models.quantize import quantize_bits
+from carcli.paths import collect_inputs
+from carcli.runpolicy import resolve_device, set_cpu_threads
+from carcli.tasks import DownscaleTask, RoundtripTask, UpscaleTask
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 

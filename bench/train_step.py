@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from carcli.checkpoints import shipped_name, weights_dir
-from carcli.tiling import cpu_has_bf16
+from carcli.runpolicy import cpu_has_bf16
 from carcli.train.trainer import TrainConfig, Trainer
 
 SETTINGS = {

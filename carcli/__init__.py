@@ -23,9 +23,9 @@ __all__ = ["__version__", "downscale", "load_model", "roundtrip", "upscale"]
 # pure command-line paths do not pay for importing torch.
 _LAZY = {
     "load_model": "carcli.checkpoints",
-    "downscale": "carcli.pipeline",
-    "roundtrip": "carcli.pipeline",
-    "upscale": "carcli.pipeline",
+    "downscale": "carcli.api",
+    "roundtrip": "carcli.api",
+    "upscale": "carcli.api",
 }
 
 

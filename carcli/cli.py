@@ -1,4 +1,4 @@
-"""The ``car`` command: a thin Typer layer over :mod:`carcli.pipeline`.
+"""The ``car`` command: a thin Typer layer over the batch runner and its tasks.
 
 Each command checks its arguments, loads the model, hands a task to
 ``run_batch`` and turns the outcome into an exit code: 0 when every image
@@ -25,7 +25,8 @@ from carcli.train import commands as train_commands
 # The modules behind the commands import torch (seconds), so they are imported in
 # the command bodies: `car --help` and usage errors answer without them.
 if TYPE_CHECKING:
-    from carcli.pipeline import Outcome, Processor, Task
+    from carcli.batch import Outcome, Task
+    from carcli.engine import Processor
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 LOSSY_REFUSED = (
@@ -188,7 +189,7 @@ QualityOpt = Annotated[
 def _user_errors() -> Iterator[None]:
     """Turn the errors a user can cause into one line and an exit code, never a traceback."""
     from carcli.checkpoints import WeightsError
-    from carcli.pipeline import UsageError
+    from carcli.errors import UsageError
 
     err = stderr_console()
     try:
@@ -219,8 +220,8 @@ def _processor(
 ) -> Processor:
     """The model on its device, tuned: channels-last, the precision, tiles, threads."""
     from carcli.checkpoints import load_model
-    from carcli.pipeline import Processor, resolve_device
-    from carcli.tiling import set_cpu_threads
+    from carcli.engine import Processor
+    from carcli.runpolicy import resolve_device, set_cpu_threads
 
     dev = resolve_device(device)
     if threads is not None or dev.type == "cpu":
@@ -238,9 +239,11 @@ def _processor(
 
 
 def _run(task: Task, source: Path, recursive: bool, quiet: bool) -> list[Outcome]:
+    from carcli.batch import make_items, run_batch
     from carcli.console import ConsoleReporter
+    from carcli.errors import UsageError
     from carcli.imageio import IMAGE_SUFFIXES
-    from carcli.pipeline import UsageError, collect_inputs, make_items, run_batch
+    from carcli.paths import collect_inputs
 
     inputs = collect_inputs(source, recursive)
     if not inputs:
@@ -353,8 +356,10 @@ def downscale(
     read at full precision; the downscaled image is 8-bit by design. Alpha is
     resized with bicubic and kept (RGBA PNG).
     """
+    from carcli.errors import UsageError
     from carcli.imageio import FORMATS
-    from carcli.pipeline import DownscaleTask, UsageError, check_paths, output_target
+    from carcli.paths import check_paths, output_target
+    from carcli.tasks import DownscaleTask
 
     with _user_errors():
         check_paths(input, output, recursive)
@@ -407,7 +412,8 @@ def upscale(
     inputs give 16-bit PNGs. Use the same --scale and weights as for
     downscaling: the SR network only understands its own resampler's images.
     """
-    from carcli.pipeline import UpscaleTask, check_paths, output_target
+    from carcli.paths import check_paths, output_target
+    from carcli.tasks import UpscaleTask
 
     with _user_errors():
         check_paths(input, output, recursive)
@@ -469,7 +475,10 @@ def roundtrip(
     followed by `car upscale`.
     """
     from carcli.console import roundtrip_table, stdout_console
-    from carcli.pipeline import RoundtripTask, UsageError, check_paths, roundtrip_report
+    from carcli.errors import UsageError
+    from carcli.evaluation import roundtrip_report
+    from carcli.paths import check_paths
+    from carcli.tasks import RoundtripTask
 
     with _user_errors():
         if input is None:

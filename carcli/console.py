@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # the CLI imports this module before torch (see carcli.defaults)
-    from carcli.pipeline import Outcome, Summary
+    from carcli.batch import Outcome, Summary
 
 
 def stderr_console() -> Console:
@@ -50,7 +50,7 @@ class _RateColumn(ProgressColumn):
 
 
 class ConsoleReporter:
-    """A :class:`carcli.pipeline.Reporter` that prints to the terminal with rich."""
+    """A :class:`carcli.batch.Reporter` that prints to the terminal with rich."""
 
     def __init__(
         self, quiet: bool = False, progress: bool | None = None, console: Console | None = None

@@ -10,7 +10,7 @@ import torch
 from carcli import __version__
 from carcli.checkpoints import installed_weights, weights_dir
 from carcli.models import CARConfig, CARModel
-from carcli.pipeline import resolve_device
+from carcli.runpolicy import resolve_device
 
 
 def resampling_backend(device: torch.device) -> str:

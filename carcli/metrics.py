@@ -17,12 +17,14 @@ must handle it.
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr_y", "psnr_y_batch", "rgb_to_y", "ssim_y", "ssim_y_batch"]
+__all__ = ["measure", "psnr_y", "psnr_y_batch", "rgb_to_y", "ssim_y", "ssim_y_batch"]
 
 # BT.601 "studio swing" luma (MATLAB's rgb2ycbcr): Y = 16 + 65.481 R + 128.553 G
 # + 24.966 B for R, G, B in [0, 1], the same as 16 + (65.481 R' + ...) / 255 for
@@ -169,3 +171,50 @@ def psnr_y(pred: torch.Tensor, target: torch.Tensor, shave: int = 0) -> float:
 def ssim_y(pred: torch.Tensor, target: torch.Tensor, shave: int = 0) -> float:
     """Y-SSIM of one image (3xHxW or 1x3xHxW in [0, 1])."""
     return float(ssim_y_batch(_single(pred, "pred"), _single(target, "target"), shave)[0])
+
+
+# Rows per band when measuring large images: the metrics work in float64 on the
+# CPU, about ten maps of the image at once (2 GB for 24 MP); bands bound that.
+MEASURE_BAND_ROWS = 512
+
+
+def measure(pred: torch.Tensor, target: torch.Tensor, scale: int) -> tuple[float | None, float]:
+    """(Y-PSNR, Y-SSIM) with ``scale`` pixels shaved; None where the image is too small.
+
+    Tall images are measured in bands of rows (SSIM bands overlap by the window
+    less one, so every window is counted once): the same numbers up to float
+    summation order, in bounded memory.
+    """
+    if pred.shape[-2] - 2 * scale > 2 * MEASURE_BAND_ROWS:
+        return _measure_in_bands(pred, target, scale)
+    try:
+        psnr = psnr_y(pred, target, shave=scale)
+    except ValueError:
+        psnr = None
+    try:
+        ssim = ssim_y(pred, target, shave=scale)
+    except ValueError:
+        ssim = None
+    return psnr, ssim
+
+
+def _measure_in_bands(pred: torch.Tensor, target: torch.Tensor, scale: int) -> tuple[float, float]:
+    pred = pred[..., scale : pred.shape[-2] - scale, scale : pred.shape[-1] - scale]
+    target = target[..., scale : target.shape[-2] - scale, scale : target.shape[-1] - scale]
+    height, width = pred.shape[-2:]
+    squared = 0.0  # sum of squared Y errors, from each band's PSNR
+    for start in range(0, height, MEASURE_BAND_ROWS):
+        rows = slice(start, min(height, start + MEASURE_BAND_ROWS))
+        psnr = psnr_y(pred[..., rows, :], target[..., rows, :])
+        mse = 0.0 if math.isinf(psnr) else PEAK**2 * 10 ** (-psnr / 10)
+        squared += mse * (rows.stop - rows.start) * width
+    mse = squared / (height * width)
+    psnr = math.inf if mse == 0 else 10 * math.log10(PEAK**2 / mse)
+    win = SSIM_WINDOW
+    total, windows = 0.0, 0
+    for start in range(0, height - win + 1, MEASURE_BAND_ROWS):
+        rows = slice(start, min(height, start + MEASURE_BAND_ROWS + win - 1))
+        count = (rows.stop - rows.start - win + 1) * (width - win + 1)
+        total += ssim_y(pred[..., rows, :], target[..., rows, :]) * count
+        windows += count
+    return psnr, total / windows

@@ -25,13 +25,14 @@ import torch
 
 from carcli.defaults import REFINE_MAX_CHANGE
 from carcli.models import CARModel
-from carcli.tiling import autocast, grid, sr_forward
+from carcli.runpolicy import autocast
+from carcli.tiler import grid, sr_forward
 from carcli.train.losses import quantize_for_training
 
 DEFAULT_STEP = 0.002  # Adam step, in [0, 1] units (about half an 8-bit level)
 # Around a tile, SCORED LR pixels whose reconstruction is also scored (the tile's
 # pixels change it), then CONTEXT more fed to the SR network as fixed input. EDSR's
-# theoretical reach is larger (tiling.sr_margins), but an LR pixel's influence
+# theoretical reach is larger (tiler.sr_margins), but an LR pixel's influence
 # fades within a few pixels; these only decide how well seams are tuned.
 SCORED = 8
 CONTEXT = 12

@@ -21,7 +21,16 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["bicubic_downscale", "bicubic_upscale", "cubic", "imresize", "resize_weights"]
+from carcli.models.quantize import quantize, quantize_bits
+
+__all__ = [
+    "bicubic_downscale",
+    "bicubic_roundtrip",
+    "bicubic_upscale",
+    "cubic",
+    "imresize",
+    "resize_weights",
+]
 
 _KERNEL_WIDTH = 4.0  # support of the cubic kernel, in input pixels at scale 1
 
@@ -161,3 +170,9 @@ def bicubic_upscale(
             raise ValueError(f"size {tuple(size)} exceeds the upscaled {(h * scale, w * scale)}")
         out = out[..., : size[0], : size[1]]
     return out
+
+
+def bicubic_roundtrip(hr: torch.Tensor, scale: int, bits: int = 8) -> torch.Tensor:
+    """The classical baseline: MATLAB-style bicubic down (8-bit LR) and up, at ``bits``."""
+    lr = quantize(bicubic_downscale(hr.float(), scale))
+    return quantize_bits(bicubic_upscale(lr, scale, size=tuple(hr.shape[-2:])), bits)

@@ -14,7 +14,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import carcli
-from carcli import pipeline
+from carcli import pipeline, tasks
 from carcli.console import ConsoleReporter
 from carcli.imageio import SOURCE_SIZE_KEY, read_image, to_array
 from carcli.models import quantize
@@ -156,11 +156,11 @@ def test_evaluate_folder_caches_bicubic_and_restores_model(
 ) -> None:
     model = tiny_model(2)
     model.train()
-    pipeline._BICUBIC_CACHE.clear()
+    tasks._BICUBIC_CACHE.clear()
     calls = []
-    original = pipeline.bicubic_roundtrip
+    original = tasks.bicubic_roundtrip
     monkeypatch.setattr(
-        pipeline, "bicubic_roundtrip", lambda *a, **k: calls.append(1) or original(*a, **k)
+        tasks, "bicubic_roundtrip", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
     first = evaluate_folder(model, folder, recursive=True)
     assert len(calls) == 3 and model.training  # mode restored

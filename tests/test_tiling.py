@@ -20,10 +20,10 @@ import torch
 from conftest import photo, record_dtypes
 from PIL import Image
 
-from carcli import tiling
+from carcli import runpolicy, tiler
+from carcli.engine import Processor
 from carcli.models import CARModel, preset, quantize
-from carcli.pipeline import Processor
-from carcli.tiling import TiledModel, resampler_margin, spans, sr_margins
+from carcli.tiler import TiledModel, resampler_margin, spans, sr_margins
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -78,7 +78,7 @@ def test_margins_cover_the_receptive_field(scale: int) -> None:
     """What the gradient of one output reaches never exceeds the computed margins."""
     model = fresh("tiny", scale)
     m = resampler_margin(model.config)
-    assert m % 8 == 0 and m >= tiling.op_halo(scale)
+    assert m % 8 == 0 and m >= tiler.op_halo(scale)
     hr = torch.rand(1, 3, 192, 40, requires_grad=True)
     kernels, off_h, off_v = model.resampler(hr)
     reach = 0
@@ -233,19 +233,19 @@ def test_plan_grows_with_budget_and_untiled_fits() -> None:
     assert small.down < big.down and small.up < big.up and small.up_inner <= big.up_inner
     assert runner.plan(batch=4, budget=1 << 30).up < big.up
     assert runner.max_batch(256, 256) == 1  # CPU: no batching
-    assert tiling.available_memory(torch.device("cpu")) > 0
-    assert 0 < tiling.default_budget(torch.device("cpu")) <= tiling.CPU_BUDGET_CAP
+    assert runpolicy.available_memory(torch.device("cpu")) > 0
+    assert 0 < runpolicy.default_budget(torch.device("cpu")) <= runpolicy.CPU_BUDGET_CAP
 
 
 def test_precision_choices() -> None:
     cpu = torch.device("cpu")
-    assert tiling.resolve_precision("auto", cpu) in ("bf16", "fp32")
-    assert tiling.resolve_precision("FP32", cpu) == "fp32"
-    with pytest.raises(tiling.PrecisionError, match="CUDA"):
-        tiling.resolve_precision("fp16", cpu)
-    with pytest.raises(tiling.PrecisionError):
-        tiling.resolve_precision("fp8", cpu)
-    assert 1 <= tiling.default_threads() <= torch.get_num_threads()
+    assert runpolicy.resolve_precision("auto", cpu) in ("bf16", "fp32")
+    assert runpolicy.resolve_precision("FP32", cpu) == "fp32"
+    with pytest.raises(runpolicy.PrecisionError, match="CUDA"):
+        runpolicy.resolve_precision("fp16", cpu)
+    with pytest.raises(runpolicy.PrecisionError):
+        runpolicy.resolve_precision("fp8", cpu)
+    assert 1 <= runpolicy.default_threads() <= torch.get_num_threads()
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
@@ -257,18 +257,18 @@ def test_busy_cores_sees_a_process_spinning_now() -> None:
     child = subprocess.Popen([sys.executable, "-c", spin])
     try:
         time.sleep(0.3)  # let it start spinning
-        assert tiling.busy_cores({cpu}, interval=0.3) > 0.7
+        assert runpolicy.busy_cores({cpu}, interval=0.3) > 0.7
     finally:
         child.kill()
         child.wait()
 
 
 def test_busy_cores_falls_back_to_the_load_average(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tiling, "_cpu_times", lambda cpus: None)
-    monkeypatch.setattr(tiling.os, "getloadavg", lambda: (1.25, 0.0, 0.0))
-    assert tiling.busy_cores({0, 1}) == 1.25
-    monkeypatch.setattr(tiling, "busy_cores", lambda cpus, interval=0.1: len(cpus) - 0.4)
-    assert tiling.default_threads() == 1  # almost every core busy: still one thread
+    monkeypatch.setattr(runpolicy, "_cpu_times", lambda cpus: None)
+    monkeypatch.setattr(runpolicy.os, "getloadavg", lambda: (1.25, 0.0, 0.0))
+    assert runpolicy.busy_cores({0, 1}) == 1.25
+    monkeypatch.setattr(runpolicy, "busy_cores", lambda cpus, interval=0.1: len(cpus) - 0.4)
+    assert runpolicy.default_threads() == 1  # almost every core busy: still one thread
 
 
 # --------------------------------------------------------------------------- OOM retry
@@ -344,12 +344,12 @@ def test_pictures_of_any_size_roundtrip_through_tiles() -> None:
 def test_large_images_are_measured_in_bands_with_the_same_numbers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from carcli import metrics, pipeline
+    from carcli import metrics
 
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(3, 530, 97, generator=gen)
     b = (a + 0.05 * torch.randn(a.shape, generator=gen)).clamp(0, 1)
     whole = (metrics.psnr_y(a, b, shave=4), metrics.ssim_y(a, b, shave=4))
-    monkeypatch.setattr(pipeline, "MEASURE_BAND_ROWS", 100)
-    assert pipeline.measure(a, b, 4) == pytest.approx(whole, rel=1e-12)
-    assert pipeline.measure(a, a, 4) == (float("inf"), pytest.approx(1.0))
+    monkeypatch.setattr(metrics, "MEASURE_BAND_ROWS", 100)
+    assert metrics.measure(a, b, 4) == pytest.approx(whole, rel=1e-12)
+    assert metrics.measure(a, a, 4) == (float("inf"), pytest.approx(1.0))

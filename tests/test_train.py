@@ -384,11 +384,11 @@ def test_auto_precision_trains_in_bf16_only_where_native(
     """Emulated bfloat16 is many times slower than fp32: `auto` must not pick it."""
     from typer.testing import CliRunner
 
-    from carcli import tiling
+    from carcli import runpolicy
     from carcli.cli import app
     from carcli.train import trainer as trainer_module
 
-    monkeypatch.setattr(tiling, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(runpolicy, "cpu_has_bf16", lambda: native)
     cpu = torch.device("cpu")
     assert trainer_module.training_precision("auto", cpu) == ("bf16" if native else "fp32")
     assert trainer_module.training_precision("FP32", cpu) == "fp32"

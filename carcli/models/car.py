@@ -11,6 +11,7 @@ from torch import nn
 from carcli.models.config import CARConfig
 from carcli.models.edsr import EDSR
 from carcli.models.layers import MeanShift
+from carcli.models.quantize import quantize
 from carcli.models.resampler import SIZE_MULTIPLE, ResamplerNet
 from carcli.ops import resample
 from carcli.ops.reference import reflect_pad
@@ -32,11 +33,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, min_side: int = 0) -> torch.
     padded = reflect_pad(x, max(ph, pw))
     p = max(ph, pw)
     return padded[..., p : p + h + ph, p : p + w + pw]
-
-
-def quantize(lr: torch.Tensor) -> torch.Tensor:
-    """Clamp to [0, 1] and round to the 8-bit grid (what a stored PNG holds)."""
-    return torch.round(lr.clamp(0.0, 1.0) * 255.0) / 255.0
 
 
 class CARModel(nn.Module):

@@ -39,11 +39,16 @@ def make_evaluator(folders: list[Path], device: torch.device):  # noqa: ANN201
     """Validation through the same code path as `car roundtrip` (no files written)."""
 
     def evaluate(model) -> dict:  # noqa: ANN001
-        from carcli.pipeline import evaluate_folder
+        from carcli.console import ConsoleReporter
+        from carcli.evaluation import evaluate_folder
 
         out = {}
         for folder in folders:
-            report = evaluate_folder(model, folder, device=device, compare_bicubic=False)
+            # quiet: no progress bar or notes, but a file that fails still gets its error line
+            reporter = ConsoleReporter(quiet=True)
+            report = evaluate_folder(
+                model, folder, device=device, compare_bicubic=False, reporter=reporter
+            )
             out[folder.name] = {"psnr": report["psnr"], "ssim": report["ssim"]}
         return out
 
@@ -151,7 +156,7 @@ def train(
 
     from carcli.checkpoints import file_digest
     from carcli.models import PRESETS
-    from carcli.pipeline import resolve_device
+    from carcli.runpolicy import resolve_device
     from carcli.train.progress import make_display
     from carcli.train.trainer import (
         STATE_NAME,

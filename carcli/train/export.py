@@ -30,8 +30,8 @@ def cpu_timing(model: CARModel, threads: int | None = None, repeats: int = 2) ->
     Measured in float32 and in the CPU's default precision (bf16 where the CPU
     has it), best of ``repeats``, with the settings `car` uses, without file I/O.
     """
-    from carcli.pipeline import Processor
-    from carcli.tiling import default_precision
+    from carcli.engine import Processor
+    from carcli.runpolicy import default_precision
 
     old_threads = torch.get_num_threads()
     if threads:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from carcli.metrics import PEAK, rgb_to_y
 from carcli.models import CARModel, deepened, preset
 from carcli.ops import resample
-from carcli.tiling import default_precision, float_kernel_head, sr_forward
+from carcli.runpolicy import default_precision
+from carcli.tiler import float_kernel_head, sr_forward
 from carcli.train.data import PatchSampler
 from carcli.train.losses import QUANT_GRADIENTS, offset_loss, quantize_for_training, tv_loss
 from carcli.train.progress import TrainDisplay, status_line
@@ -176,7 +177,7 @@ def training_losses(
     regularisers, constants then, are left out.
     """
     grad = contextlib.nullcontext() if not freeze_resampler else torch.no_grad()
-    # The same float32 islands as inference (carcli.tiling): the kernel head's
+    # The same float32 islands as inference (carcli.tiler): the kernel head's
     # normalisation, and EDSR's first and last convs.
     with grad, _autocast(cfg.precision, device), float_kernel_head(model, cfg.precision):
         kernels, offsets_h, offsets_v = model.resampler(hr)

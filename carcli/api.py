@@ -1,0 +1,135 @@
+"""The one-call Python API: :func:`downscale`, :func:`upscale`, :func:`roundtrip`."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from carcli.engine import Processor
+from carcli.imageio import (
+    Picture,
+    picture_from_array,
+    picture_from_pil,
+    to_array,
+)
+from carcli.models import CARModel
+from carcli.pictures import downscale_picture, restored_size, roundtrip_picture, upscale_picture
+from carcli.runpolicy import resolve_device
+
+ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_processor(weights: str | None, scale: int, device: str) -> Processor:
+    from carcli.checkpoints import load_model
+
+    dev = resolve_device(device)
+    model, _ = load_model(Path(weights) if weights else None, scale, dev)
+    return Processor(model, dev)
+
+
+def _processor(weights: Path | str | CARModel | None, scale: int, device: str) -> Processor:
+    if isinstance(weights, CARModel):
+        if weights.scale != scale:
+            raise ValueError(f"the model is for {weights.scale}x, not {scale}x")
+        return Processor(weights, resolve_device(device))
+    return _cached_processor(str(weights) if weights else None, scale, str(device))
+
+
+def _refining(processor: Processor, steps: int) -> Processor:
+    """The (possibly cached, shared) processor, or a shallow copy of it that refines."""
+    if not steps:
+        return processor
+    processor = copy.copy(processor)
+    processor.refine = steps
+    return processor
+
+
+def _picture_of(image: ImageLike) -> tuple[Picture, Callable[[Picture], ImageLike]]:
+    """A Picture from the user's object and a function turning results back into that kind."""
+    if isinstance(image, Image.Image):
+        picture = picture_from_pil(image)
+        picture.text.update({k: str(v) for k, v in image.info.items() if k.startswith("carcli:")})
+
+        def back(p: Picture) -> Image.Image:
+            array = to_array(p.rgb, p.alpha, 8)
+            out = Image.fromarray(array, "RGBA" if array.shape[2] == 4 else "RGB")
+            out.info.update(p.text)
+            return out
+
+        return picture, back
+    if isinstance(image, np.ndarray):
+        picture = picture_from_array(image)
+        dtype = image.dtype
+
+        def back(p: Picture) -> np.ndarray:
+            bits = 16 if dtype == np.uint16 and p.bits == 16 else 8
+            if np.issubdtype(dtype, np.floating):
+                planes = p.rgb if p.alpha is None else torch.cat([p.rgb, p.alpha])
+                return planes.permute(1, 2, 0).numpy().astype(np.float32)
+            return to_array(p.rgb, p.alpha, bits)
+
+        return picture, back
+    if isinstance(image, torch.Tensor):
+        if not image.is_floating_point() or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError("tensors must be float 3xHxW in [0, 1]")
+        picture = Picture(rgb=image.detach().float().clamp(0, 1).cpu(), bits=32)
+        device = image.device
+        # clone() outside inference mode: the caller may use the result with autograd
+        return picture, lambda p: p.rgb.to(device).clone()
+    raise TypeError(f"expected a PIL image, a numpy array or a tensor, got {type(image).__name__}")
+
+
+def downscale(
+    image: ImageLike,
+    scale: int = 4,
+    weights: Path | str | CARModel | None = None,
+    device: str = "auto",
+    refine: int = 0,
+) -> ImageLike:
+    """CAR-downscale a PIL image, HxWx3 uint8/uint16 array or 3xHxW float tensor.
+
+    Returns the same kind, ceil(H/s) x ceil(W/s), on the 8-bit grid (arrays
+    come back as uint8: the LR image is 8-bit by design). Store it losslessly.
+    ``refine`` as ``car downscale --refine``.
+    """
+    picture, back = _picture_of(image)
+    processor = _refining(_processor(weights, scale, device), refine)
+    return back(downscale_picture(processor, picture))
+
+
+def upscale(
+    image: ImageLike,
+    scale: int = 4,
+    weights: Path | str | CARModel | None = None,
+    device: str = "auto",
+    size: tuple[int, int] | None = None,
+) -> ImageLike:
+    """Reconstruct from a CAR-downscaled image; ``size`` = (H, W) crops to the original size.
+
+    A PIL image returned by :func:`downscale` remembers its source size itself.
+    """
+    picture, back = _picture_of(image)
+    if size is None:
+        size = restored_size(picture, scale)[0]
+    return back(upscale_picture(_processor(weights, scale, device), picture, size))
+
+
+def roundtrip(
+    image: ImageLike,
+    scale: int = 4,
+    weights: Path | str | CARModel | None = None,
+    device: str = "auto",
+    refine: int = 0,
+) -> ImageLike:
+    """Downscale, quantise to 8 bits and upscale in memory; same size and kind as the input."""
+    picture, back = _picture_of(image)
+    processor = _refining(_processor(weights, scale, device), refine)
+    return back(roundtrip_picture(processor, picture)[1])
