@@ -4,6 +4,7 @@
 >>> small = carcli.downscale(image, scale=4)          # PIL image, numpy array or tensor
 >>> restored = carcli.upscale(small, scale=4)
 >>> restored = carcli.roundtrip(image, scale=4)       # both steps in memory
+>>> carcli.save(small, "small.png")                   # PNG that remembers the original size
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "downscale", "load_model", "roundtrip", "upscale"]
+__all__ = ["__version__", "downscale", "load_model", "roundtrip", "save", "upscale"]
 
 # The API is imported on first use (PEP 562), so that `car --help` and the other
 # pure command-line paths do not pay for importing torch.
@@ -26,6 +27,7 @@ _LAZY = {
     "downscale": "carcli.api",
     "roundtrip": "carcli.api",
     "upscale": "carcli.api",
+    "save": "carcli.imageio",
 }
 
 

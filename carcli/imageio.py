@@ -3,27 +3,47 @@
 Everything the rest of carcli sees of an image is a :class:`Picture`: a
 3 x H x W float32 RGB tensor in [0, 1], an optional alpha plane, the source
 bit depth and the PNG text chunks. This module is the only place that knows
-about file formats, EXIF orientation, colour modes and 16-bit decoding.
+about file formats, EXIF orientation, colour modes, colour profiles, 16-bit
+decoding and standard input/output (``-``).
+
+Colour: the networks were trained on sRGB images, so an embedded ICC profile
+that is not sRGB (Display P3, Adobe RGB, a CMYK press profile) is converted to
+sRGB on reading, and every output is written as sRGB (untagged, which viewers
+take as sRGB). Colours outside sRGB's gamut are clipped; ``Picture.notes``
+says which profile was converted, so the command can tell the user.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import secrets
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+)
+# Decoded formats: Pillow's names (AVIF natively in Pillow >= 11.2; HEIF via pillow-heif).
+_READ_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "TIFF", "MPO", "DIB", "AVIF", "HEIF"})
+# ISO-BMFF brands (bytes 8..12 of the file) of HEIF images that need pillow-heif.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+HEIF_EXTRA_HINT = "reading HEIC/HEIF needs the optional extra: pip install 'carcli[heif]'"
+
+# ``-`` as INPUT or OUTPUT: standard input or output, as image tools allow.
+STDIO = "-"
 
 # PNG text chunks that ``car downscale`` writes so ``car upscale`` can restore the exact size.
 SOURCE_SIZE_KEY = "carcli:source-size"  # "WxH" of the image that was downscaled
@@ -59,6 +79,7 @@ class Picture:
     bits: int = 8  # precision of the source samples: 8 or 16
     grey: bool = False  # the source had a single colour channel
     text: dict[str, str] = field(default_factory=dict)  # PNG text chunks
+    notes: list[str] = field(default_factory=list)  # what reading changed (colour profile)
 
     @property
     def height(self) -> int:
@@ -78,6 +99,8 @@ def read_image(path: Path | str) -> Picture:
     Raises :class:`ImageReadError` with a one-line reason for anything that is
     not a complete, supported image.
     """
+    if is_stdio(path):
+        return decode_image(read_stdin())
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -88,10 +111,39 @@ def read_image(path: Path | str) -> Picture:
     return decode_image(data)
 
 
+def is_stdio(path: Path | str | None) -> bool:
+    """Whether a command-line path is ``-`` (standard input or output)."""
+    return path is not None and str(path) == STDIO
+
+
+def read_stdin() -> bytes:
+    """All of standard input as bytes; refuses a terminal (nobody pipes an image by typing)."""
+    stream = sys.stdin.buffer if sys.stdin is not None else None
+    if stream is None or stream.isatty():
+        raise ImageReadError("no image on standard input (pipe one in, or name a file)")
+    return stream.read()
+
+
+def _is_heif(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
+
+
+def _register_heif() -> bool:
+    """Let Pillow open HEIC/HEIF through pillow-heif (the ``heif`` extra); False if missing."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
 def decode_image(data: bytes) -> Picture:
     """Decode encoded image bytes (see :func:`read_image`)."""
     if not data:
         raise ImageReadError("empty file")
+    if _is_heif(data) and not _register_heif():
+        raise ImageReadError(f"HEIC/HEIF image: {HEIF_EXTRA_HINT}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -106,7 +158,7 @@ def decode_image(data: bytes) -> Picture:
         if "truncated" in reason.lower():
             reason = "truncated image data"
         raise ImageReadError(f"corrupt image: {reason}") from None
-    if im.format not in {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "MPO", "DIB"}:
+    if im.format not in _READ_FORMATS:
         raise ImageReadError(f"unsupported format {im.format}")
 
     orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
@@ -120,13 +172,117 @@ def decode_image(data: bytes) -> Picture:
             order = [2, 1, 0, 3] if array.shape[2] == 4 else [2, 1, 0]
             array = array[..., order]
         grey = array.ndim == 2
+        notes = _profile_notes_16bit(im)
     else:
+        im, notes = to_srgb(im)
         array, grey = _pil_to_array(im)
     array = apply_orientation(array, orientation)
     picture = picture_from_array(array)
     picture.grey = grey
     picture.text = text
+    picture.notes = notes
     return picture
+
+
+# --------------------------------------------------------------------------- colour profiles
+
+
+@functools.lru_cache(maxsize=1)
+def _srgb_profile() -> Any:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _profile_name(profile: Any) -> str:
+    from PIL import ImageCms
+
+    try:
+        name = ImageCms.getProfileDescription(profile).strip()
+    except ImageCms.PyCMSError:
+        name = ""
+    return name or "an unnamed profile"
+
+
+@functools.lru_cache(maxsize=16)
+def _srgb_transform(icc: bytes, mode: str) -> tuple[Any, str] | None:
+    """(transform to sRGB, profile name) for an embedded profile, None if it is sRGB already.
+
+    A profile counts as sRGB when it maps a 16^3 grid of colours to within one
+    level of itself: then converting would only add rounding. Cached by the
+    profile's bytes, since a batch of photos from one camera shares it.
+    """
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    transform = ImageCms.buildTransform(
+        profile, _srgb_profile(), mode, "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC
+    )
+    if mode == "RGB":
+        levels = np.linspace(0, 255, 16).round().astype(np.uint8)
+        grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(64, 64, 3)
+        probe = Image.fromarray(np.ascontiguousarray(grid), "RGB")
+        mapped = np.asarray(ImageCms.applyTransform(probe, transform), dtype=np.int16)
+        if np.abs(mapped - grid.astype(np.int16)).max() <= 1:
+            return None
+    return transform, _profile_name(profile)
+
+
+def to_srgb(im: Image.Image) -> tuple[Image.Image, list[str]]:
+    """The image converted from its embedded ICC profile to sRGB, and a note saying so.
+
+    RGB(A), palette and CMYK images with a profile of their own colour space
+    are converted (alpha is kept); sRGB profiles, grey images and images
+    without a profile come back unchanged with no note.
+    """
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "P", "PA", "CMYK", "RGBX"):
+        return im, []
+    from PIL import ImageCms
+
+    alpha = None
+    if im.mode in ("RGBA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        alpha, im = rgba.getchannel("A"), rgba.convert("RGB")
+    elif im.mode in ("P", "RGBX"):
+        im = im.convert("RGB")
+    try:
+        found = _srgb_transform(bytes(icc), im.mode)
+    except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+        reason = str(exc).strip().rstrip(".") or type(exc).__name__
+        return im if alpha is None else _with_alpha(im, alpha), [
+            f"ignored an embedded colour profile that cannot be used ({reason}); read as sRGB"
+        ]
+    if found is None:
+        out = im if im.mode == "RGB" else im.convert("RGB")
+        return (out if alpha is None else _with_alpha(out, alpha)), []
+    transform, name = found
+    out = ImageCms.applyTransform(im, transform)
+    note = f"converted from the embedded colour profile '{name}' to sRGB (outputs are sRGB)"
+    return (out if alpha is None else _with_alpha(out, alpha)), [note]
+
+
+def _with_alpha(rgb: Image.Image, alpha: Image.Image) -> Image.Image:
+    out = rgb.convert("RGBA")
+    out.putalpha(alpha)
+    return out
+
+
+def _profile_notes_16bit(im: Image.Image) -> list[str]:
+    """16-bit images keep their values (littleCMS via Pillow is 8-bit only): say so."""
+    icc = im.info.get("icc_profile")
+    if not icc:
+        return []
+    try:
+        found = _srgb_transform(bytes(icc), "RGB")
+    except Exception:
+        return []
+    if found is None:
+        return []
+    return [
+        f"16-bit image with the colour profile '{found[1]}': its values are used as sRGB "
+        "(not converted), so colours may shift"
+    ]
 
 
 def _is_16bit_colour(data: bytes, im: Image.Image) -> bool:
@@ -208,11 +364,15 @@ def picture_from_array(array: np.ndarray) -> Picture:
 
 
 def picture_from_pil(im: Image.Image) -> Picture:
-    """A :class:`Picture` from an in-memory PIL image (colour modes as in :func:`read_image`)."""
+    """A :class:`Picture` from an in-memory PIL image (colour modes and profiles as in
+    :func:`read_image`)."""
+    text = {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+    im, notes = to_srgb(im)
     array, grey = _pil_to_array(im)
     picture = picture_from_array(array)
     picture.grey = grey
-    picture.text = {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+    picture.text = text
+    picture.notes = notes
     return picture
 
 
@@ -300,9 +460,56 @@ def write_image(
 ) -> None:
     """Encode and write atomically; the format follows the suffix unless ``fmt`` is given."""
     path = Path(path)
-    fmt = fmt or format_for_suffix(path.suffix)
+    fmt = fmt or ("png" if is_stdio(path) else format_for_suffix(path.suffix))
     data = encode_image(rgb, alpha, fmt=fmt, bits=bits, text=text, quality=quality)
     atomic_write_bytes(path, data)
+
+
+def save(
+    image: Any,
+    path: Path | str,
+    *,
+    source_size: tuple[int, int] | None = None,
+    scale: int | None = None,
+    quality: int = 95,
+) -> None:
+    """Save an image from carcli's Python API, keeping the note that restores its size.
+
+    ``carcli.downscale`` returns a PIL image whose ``info`` holds the original
+    size; ``Image.save`` drops it, and a later upscale of a 227x341 photo then
+    gives 228x344. This writes it as the PNG text chunks ``car downscale``
+    writes, so ``car upscale`` and :func:`carcli.upscale` restore 227x341::
+
+        >>> small = carcli.downscale(Image.open("photo.jpg"), scale=4)
+        >>> carcli.save(small, "small.png")          # keeps carcli:source-size
+        >>> restored = carcli.upscale(Image.open("small.png"), scale=4)  # 227x341 again
+
+    ``image`` is a PIL image, an HxW[xC] uint8/uint16/float array or a 3xHxW
+    float tensor; for arrays and tensors (which carry no note) pass
+    ``source_size=(height, width)`` and ``scale``. The format follows the
+    suffix: PNG keeps the note; lossless WebP and JPEG cannot hold it. Written
+    atomically; ``"-"`` writes PNG to standard output.
+    """
+    text: dict[str, str] = {}
+    if isinstance(image, Image.Image):
+        text = {str(k): str(v) for k, v in image.info.items() if str(k).startswith("carcli:")}
+        picture = picture_from_pil(image)
+    elif isinstance(image, np.ndarray):
+        picture = picture_from_array(image)
+    elif isinstance(image, torch.Tensor):
+        if not image.is_floating_point() or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError("tensors must be float 3xHxW in [0, 1]")
+        picture = Picture(rgb=image.detach().float().clamp(0, 1).cpu(), bits=8)
+    else:
+        raise TypeError(f"expected a PIL image, a numpy array or a tensor, got {type(image)}")
+    if source_size is not None:
+        height, width = source_size
+        text[SOURCE_SIZE_KEY] = f"{int(width)}x{int(height)}"
+    if scale is not None:
+        text[SCALE_KEY] = str(int(scale))
+    write_image(
+        path, picture.rgb, picture.alpha, bits=picture.bits, text=text or None, quality=quality
+    )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -313,6 +520,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     file (``/dev/stdout``, a FIFO, ``/dev/null``) is written into instead: a
     rename would swap the device or pipe itself out for a plain file.
     """
+    if is_stdio(path):
+        write_stdout(data)
+        return
     path = Path(path)
     if path.exists() and not path.is_file():
         try:
@@ -337,6 +547,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise ImageWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def write_stdout(data: bytes) -> None:
+    """Write encoded bytes to standard output (binary) and flush."""
+    stream = sys.stdout.buffer if sys.stdout is not None else None
+    if stream is None:
+        raise ImageWriteError("cannot write to standard output: there is none")
+    try:
+        stream.write(data)
+        stream.flush()
+    except BrokenPipeError:
+        raise ImageWriteError("cannot write to standard output: the pipe was closed") from None
+    except OSError as exc:
+        raise ImageWriteError(f"cannot write to standard output: {exc.strerror or exc}") from None
 
 
 def format_for_suffix(suffix: str) -> str:
