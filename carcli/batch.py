@@ -248,6 +248,7 @@ def _load(task: Task, item: Item) -> _Job:
     finally:
         job.seconds += time.perf_counter() - start
     job.pixels = job.picture.width * job.picture.height
+    job.notes += job.picture.notes  # what reading changed, e.g. a colour profile converted
     return job
 
 
