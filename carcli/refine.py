@@ -17,22 +17,19 @@ the region it scores.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
 
 import torch
 
 from carcli.defaults import REFINE_MAX_CHANGE
 from carcli.models import CARModel
-from carcli.runpolicy import autocast
-from carcli.tiler import grid, sr_forward
-from carcli.train.losses import quantize_for_training
+from carcli.models.quantize import quantize_for_training
+from carcli.tiler import grid
 
 DEFAULT_STEP = 0.002  # Adam step, in [0, 1] units (about half an 8-bit level)
 # Around a tile, SCORED LR pixels whose reconstruction is also scored (the tile's
 # pixels change it), then CONTEXT more fed to the SR network as fixed input. EDSR's
-# theoretical reach is larger (tiler.sr_margins), but an LR pixel's influence
+# theoretical reach is larger (SRNetwork.margin), but an LR pixel's influence
 # fades within a few pixels; these only decide how well seams are tuned.
 SCORED = 8
 CONTEXT = 12
@@ -41,14 +38,11 @@ CONTEXT = 12
 def tile_side(model: CARModel, budget: int, precision: str = "fp32") -> int:
     """LR side of a tuned tile whose forward and backward passes fit in ``budget`` bytes.
 
-    Autograd keeps every activation of EDSR: per LR pixel about 4 per residual
-    block plus the head's and body's (F channels each), and the upsampler's,
-    which grow with s^2; doubled for the backward pass's temporaries. (Peak
-    resident memory measured for one step on a 64 x 64 LR tile, fp32: 47.5 KB
-    per LR pixel at 4x, 34.5 at 2x; this estimate: 83 and 47.)
+    Autograd keeps the SR network's activations
+    (:meth:`SRNetwork.autograd_elements_per_pixel`), doubled here for the
+    backward pass's temporaries.
     """
-    cfg = model.config.sr
-    per_pixel = cfg.features * (4 * cfg.blocks + 3 + 6 * model.scale**2)
+    per_pixel = model.sr.autograd_elements_per_pixel()
     size = 4 if precision == "fp32" else 3
     side = math.isqrt(int(budget / (2 * size * per_pixel)))
     return max(16, side - 2 * (CONTEXT + SCORED))
@@ -63,7 +57,7 @@ def refine_tile(
     max_change: int = REFINE_MAX_CHANGE,
     step_size: float = DEFAULT_STEP,
     scored: tuple[slice, slice] | None = None,
-    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    precision: str = "fp32",
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tune ``lr[..., free]`` (1 x 3 x h x w, on the 8-bit grid) against ``hr`` (s*h x s*w).
@@ -90,7 +84,7 @@ def refine_tile(
         q = quantize_for_training(z)
         full = lr.clone()
         full[..., rows, cols] = q
-        out = sr_forward(model.sr, full, amp())
+        out = model.sr.forward_mixed(full, precision)
         err = out[..., region[0], region[1]].float() - target
         loss = (err.square() * weight).sum() / total
         if loss.item() < best_loss:
@@ -133,7 +127,6 @@ def refine(
     mask = torch.zeros(1, 1, h * s, w * s, device=device)
     mask[..., : hr.shape[-2], : hr.shape[-1]] = 1.0
     pad = (0, w * s - hr.shape[-1], 0, h * s - hr.shape[-2])
-    amp = lambda: autocast(device, precision)  # noqa: E731
     out = []
     with torch.inference_mode(False), torch.enable_grad():
         for i in range(b):
@@ -158,7 +151,7 @@ def refine(
                     max_change,
                     step_size,
                     scored,
-                    amp,
+                    precision,
                     mask[..., hr_window[0], hr_window[1]],
                 )
                 cur[..., y0:y1, x0:x1] = tuned[..., free[0], free[1]]

@@ -10,10 +10,7 @@ from pathlib import Path
 import torch
 
 from carcli.errors import UsageError
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
+from carcli.models.precision import PRECISIONS
 
 # Default cap of the memory the tiles of one image may use on the CPU: beyond
 # about a gigabyte the margins cost under 15 % and larger tiles buy little speed.
@@ -80,13 +77,6 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     if spec == "bf16" and device.type not in ("cpu", "cuda"):
         raise PrecisionError(f"--precision bf16 is not supported on {device.type}; use fp32")
     return spec
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the networks (convs in bf16/fp16); a no-op for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
 def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:

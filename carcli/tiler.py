@@ -8,18 +8,22 @@ resampler and the resampling op, zeros in EDSR) then only ever touches margin
 pixels that are thrown away, except at the true image border, where the region
 ends exactly where the image ends and the networks pad exactly as in the
 untiled run. What is left are float rounding differences (convolution
-algorithms depend on the input size), far below one 8-bit level.
+algorithms depend on the input size), far below one 8-bit level. The margins
+are the models' own (:meth:`CARModel.downscale_margin`,
+:meth:`SRNetwork.stage_margins`).
 
 Alignment: the resampler pixel-unshuffles three times, so it sees the image as
 a grid of 8 x 8 cells; downscale tiles start on that grid (HR origins are
 multiples of 8, hence of the scale), so every tile sees the same cells as the
 whole image.
 
-EDSR runs in two levels, because its memory peak (the upsampler, at up to
-HR resolution with 4x the channels) and its receptive field (the residual body,
-at LR) sit in different places: large outer tiles carry the wide margin of the
-body, and the upsampler walks each outer tile in smaller inner tiles that need
-a margin of only 2 LR pixels.
+The SR network runs in two levels, its two stages (:meth:`SRNetwork.features`
+and :meth:`SRNetwork.reconstruct`), because their memory peak and receptive
+field can sit in different places. In EDSR the peak is the upsampler, at up to
+HR resolution with 4x the channels, and the field is the residual body's, at
+LR: large outer tiles carry the wide margin of the body, and the upsampler
+walks each outer tile in smaller inner tiles that need a margin of only 2 LR
+pixels.
 
 Tile sizes come from a memory budget (free RAM on the CPU, free device memory
 on a GPU) and per-pixel activation sizes measured once on a small probe; a
@@ -28,7 +32,6 @@ CUDA out-of-memory error retries the image with tiles half the size.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,10 +40,9 @@ import torch
 from torch import nn
 
 from carcli.models import CARModel
-from carcli.models.config import CARConfig
 from carcli.models.resampler import SIZE_MULTIPLE
 from carcli.ops.reference import DEFAULT_CHUNK_BYTES
-from carcli.runpolicy import autocast, default_budget, resolve_precision
+from carcli.runpolicy import default_budget, resolve_precision
 
 # Activations per pixel are multiplied by this: skip connections keep earlier
 # maps alive, and oneDNN / cuDNN reorder inputs and keep workspaces.
@@ -49,44 +51,6 @@ SAFETY = 2.0
 OP_FIXED_BYTES = 3 * DEFAULT_CHUNK_BYTES
 MIN_DOWN_TILE_HR = 32  # smallest downscale tile, in HR pixels (OOM retries stop here)
 MIN_UP_TILE_LR = 8  # smallest upscale tile, in LR pixels
-
-
-def op_halo(scale: int) -> int:
-    """HR pixels an LR pixel of the resampling op reads beyond its own s x s block.
-
-    Tap centres reach k//2 HR pixels plus s * |offset| < s from the block centre
-    (offsets are tanh-bounded), and bilinear sampling adds one more pixel.
-    """
-    return (3 * scale + 1) // 2 + scale // 2 + 2
-
-
-def resampler_margin(config: CARConfig) -> int:
-    """HR pixels of context a downscale tile needs on each side: a multiple of 8.
-
-    Follows one LR pixel's dependencies back through the resampler network (heads and
-    trunk convs at H/s, the pixel shuffle, trunk convs at H/8, residual blocks at H/4,
-    the unshuffles and the 5x5 conv at HR) for every LR phase within an 8-pixel cell,
-    and takes the larger of that and the resampling op's reach.
-    """
-    s, r = config.scale, config.resampler
-    cell = SIZE_MULTIPLE // s  # LR pixels per H/8 cell
-    need = op_halo(s)
-    for i in range(cell):
-        lo, hi = i - 3, i + 3  # two head convs and one trunk conv at H/s
-        lo, hi = lo // cell - r.trunk_convs, hi // cell + r.trunk_convs  # H/8
-        lo, hi = 2 * lo - 2 * r.blocks, 2 * hi + 1 + 2 * r.blocks  # H/4
-        lo, hi = 4 * lo - 2, 4 * hi + 3 + 2  # HR, then the 5x5 conv
-        need = max(need, i * s - lo, hi - (i * s + s - 1))
-    return -(-need // SIZE_MULTIPLE) * SIZE_MULTIPLE
-
-
-def sr_margins(config: CARConfig) -> tuple[int, int]:
-    """(body, upsampler) LR pixels of context for EDSR: the 3x3 convs before and after.
-
-    The body margin counts the head conv, two convs per residual block and the
-    body's last conv; the upsampler's convs at LR, 2x and HR reach 2 LR pixels.
-    """
-    return 2 * config.sr.blocks + 2, 2
 
 
 def _peak_elements(modules: list[nn.Module], run: Callable[[], object]) -> int:
@@ -132,89 +96,22 @@ class Footprint:
         res = _peak_elements([model.resampler], lambda: model.resampler(hr))
         sr = model.sr
         feats: list[torch.Tensor] = []
-        body = _peak_elements(
-            [sr.sub_mean, sr.head, sr.body],
-            lambda: feats.append(sr_features(sr, lr, contextlib.nullcontext())),
-        )
-        up = _peak_elements(
-            [sr.tail, sr.add_mean], lambda: sr_tail(sr, feats[0], contextlib.nullcontext())
-        )
+        body = _peak_elements([sr], lambda: feats.append(sr.features(lr)))
+        up = _peak_elements([sr], lambda: sr.reconstruct(feats[0]))
         per = lambda n, px: SAFETY * size * n / px  # noqa: E731
         s, taps = model.scale, model.config.kernel_size**2
         # The resampler's three outputs (kernels, dX, dY: k*k values per LR pixel)
         # are all alive at the end, and in float32 for the op (plus the half copies);
         # the HR region is there three times (as given, padded to 8, reflect-padded).
         outputs = 3 * taps / s**2 * (4 + (size if precision != "fp32" else 0))
-        # The body also keeps the head output alive for its skip connection.
+        # The first stage also keeps an input of its width alive (EDSR: the head
+        # output, for the body's skip connection).
         body_px = lr.shape[-1] * lr.shape[-2]
         return cls(
             resampler=per(res, probe * probe) + outputs + 3 * 3 * 4,
-            sr_body=per(body, body_px) + size * model.config.sr.features,
+            sr_body=per(body, body_px) + size * feats[0].shape[1],
             sr_up=per(up, body_px),
         )
-
-
-@contextlib.contextmanager
-def float_kernel_head(model: CARModel, precision: str) -> Iterator[None]:
-    """Hand the raw kernels to the normalisation in float32 under mixed precision.
-
-    The normalisation divides by a sum over k*k taps. In bfloat16 that sum
-    keeps 8 significant bits and its rounding depends on how the reduction is
-    split over threads, i.e. on the tile size: measured on a 4x model, 14 % of
-    LR pixels then moved by a level against fp32 and 0.2 % between tile sizes;
-    in float32, 0.4 % and 0.02 %.
-    """
-    if precision == "fp32":
-        yield
-        return
-    head = model.resampler.kernels_weight
-    handle = head.register_forward_hook(lambda module, inputs, output: output.float())
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def sr_features(
-    sr: nn.Module, lr: torch.Tensor, amp: contextlib.AbstractContextManager
-) -> torch.Tensor:
-    """EDSR up to the upsampler: head and residual body with its skip (as ``EDSR.forward``).
-
-    Call it outside autocast: the mean shift and the first conv run in float32,
-    only the body under ``amp``. Their input is the 8-bit image, which bfloat16
-    (8 significant bits) would round by up to a quarter of a level (measured at
-    2x: Set5 0.008 dB below this, which is within 0.001 dB of fp32).
-    """
-    x = sr.head(sr.sub_mean(lr.float()))
-    with amp:
-        if torch.is_autocast_enabled(x.device.type):  # keep the residual stream in half
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        return x + sr.body(x)
-
-
-def sr_tail(
-    sr: nn.Module, feats: torch.Tensor, amp: contextlib.AbstractContextManager
-) -> torch.Tensor:
-    """EDSR from the body's features to the (unclamped) HR image (as ``EDSR.forward``).
-
-    The upsampler runs under ``amp``; the last conv (to RGB) always runs in
-    float32: in bfloat16 its output would carry only 8 significant bits, as
-    coarse as the 8-bit image itself (measured: it is where bf16 lost PSNR).
-    """
-    with amp:
-        x = sr.tail[:-1](feats)
-    return sr.add_mean(sr.tail[-1](x.float()))
-
-
-def sr_forward(
-    sr: nn.Module, lr: torch.Tensor, amp: contextlib.AbstractContextManager
-) -> torch.Tensor:
-    """``EDSR.forward`` with the float32 ends of :func:`sr_features` and :func:`sr_tail`.
-
-    Inference and training both run EDSR this way, so a model trained under
-    mixed precision meets the same arithmetic at inference.
-    """
-    return sr_tail(sr, sr_features(sr, lr, amp), amp)
 
 
 def spans(length: int, tile: int, align: int = 1) -> list[tuple[int, int]]:
@@ -279,8 +176,8 @@ class TiledModel:
             self.model.to(memory_format=torch.channels_last)
         self.scale: int = model.scale
         self.budget = budget
-        self.down_margin = resampler_margin(model.config)
-        self.body_margin, self.up_margin = sr_margins(model.config)
+        self.down_margin = model.downscale_margin()
+        self.body_margin, self.up_margin = model.sr.stage_margins()
         self._footprint: Footprint | None = None
         self.notes: list[str] = []  # things the user should hear about (OOM retries)
         self.oom_cap: int | None = None  # after an OOM, later images use at most this budget
@@ -335,8 +232,7 @@ class TiledModel:
 
     def _downscale_region(self, region: torch.Tensor) -> torch.Tensor:
         def run(precision: str) -> torch.Tensor:
-            with autocast(self.device, precision), float_kernel_head(self.model, precision):
-                return self.model.downscale(region).float()
+            return self.model.downscale_mixed(region, precision)
 
         return self._checked(run)
 
@@ -386,13 +282,13 @@ class TiledModel:
     def _upscale_tail(self, feats: torch.Tensor) -> torch.Tensor:
         def run(precision: str) -> torch.Tensor:
             x = feats if precision == self.precision else feats.float()
-            return sr_tail(self.model.sr, x, autocast(self.device, precision))
+            return self.model.sr.reconstruct(x, precision)
 
         return self._checked(run)
 
     def _features(self, lr: torch.Tensor) -> torch.Tensor:
         def run(precision: str) -> torch.Tensor:
-            return sr_features(self.model.sr, lr, autocast(self.device, precision))
+            return self.model.sr.features(lr, precision)
 
         return self._checked(run)
 

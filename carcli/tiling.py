@@ -1,17 +1,18 @@
 """Former home of the tiler and the run policy, kept so that existing imports keep working.
 
 Tiled inference is in :mod:`carcli.tiler`; device, precision, threads and
-memory budgets are in :mod:`carcli.runpolicy`. New code should import from those.
+memory budgets are in :mod:`carcli.runpolicy`; the networks' float32 islands and
+receptive-field margins are methods of the models (:mod:`carcli.models`). New
+code should import from those.
 """
 
+from carcli.models.precision import PRECISIONS, autocast
 from carcli.runpolicy import (
     CPU_BUDGET_CAP,
     CPU_BUDGET_FRACTION,
     GPU_BUDGET_CAP,
     GPU_BUDGET_FRACTION,
-    PRECISIONS,
     PrecisionError,
-    autocast,
     available_memory,
     busy_cores,
     cpu_has_bf16,
@@ -29,16 +30,9 @@ from carcli.tiler import (
     Footprint,
     TiledModel,
     Tiles,
-    float_kernel_head,
     grid,
     is_oom,
-    op_halo,
-    resampler_margin,
     spans,
-    sr_features,
-    sr_forward,
-    sr_margins,
-    sr_tail,
 )
 
 __all__ = [
@@ -62,16 +56,9 @@ __all__ = [
     "default_budget",
     "default_precision",
     "default_threads",
-    "float_kernel_head",
     "grid",
     "is_oom",
-    "op_halo",
-    "resampler_margin",
     "resolve_precision",
     "set_cpu_threads",
     "spans",
-    "sr_features",
-    "sr_forward",
-    "sr_margins",
-    "sr_tail",
 ]

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from carcli.models import (
+    EDSR,
+    CARConfig,
     CARModel,
+    SRConfig,
+    SRNetwork,
     deepened,
     lr_size,
     normalize_kernels,
     pad_to_multiple,
     preset,
     quantize,
+    sr_architectures,
 )
 from carcli.models.layers import DownsampleBlock
 from carcli.models.resampler import ClampTowardRange
@@ -123,3 +130,64 @@ def test_deepened_edsr_computes_the_same_then_learns_with_its_new_blocks(scale):
     assert second_conv.grad is not None and second_conv.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="cannot deepen"):
         deepened(model, 1)
+
+
+# --------------------------------------------------------------------------- SR registry
+
+
+class _ShuffleSR(SRNetwork):
+    """A minimal SR network: two 3x3 convs and a pixel shuffle (receptive field 2 LR px)."""
+
+    def __init__(self, config: CARConfig) -> None:
+        super().__init__()
+        self.scale = config.scale
+        s = config.scale
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 3 * s * s, 3, padding=1),
+            torch.nn.PixelShuffle(s),
+        )
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.body(lr)
+
+    def margin(self) -> int:
+        return 2
+
+
+def test_configs_without_an_architecture_are_edsr() -> None:
+    """Checkpoints written before SRConfig.arch existed load as EDSR; unknown names are refused."""
+    data = CARConfig(scale=4, sr=SRConfig(features=16, blocks=2)).to_dict()
+    assert data["sr"]["arch"] == "edsr"
+    del data["sr"]["arch"]
+    config = CARConfig.from_dict(data)
+    assert config.sr.arch == "edsr" and isinstance(CARModel(config).sr, EDSR)
+    assert "edsr" in sr_architectures()
+    data["sr"]["arch"] = "no-such-net"
+    with pytest.raises(ValueError, match="unknown SR architecture 'no-such-net'"):
+        CARConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_a_registered_architecture_runs_tiled_and_refined(scale, monkeypatch) -> None:
+    """The tiler and refinement need only the SRNetwork methods, not EDSR's layers."""
+    from carcli.engine import Processor
+    from carcli.models import sr as sr_module
+    from carcli.tiler import TiledModel
+
+    monkeypatch.setitem(sr_module._BUILDERS, "shuffle-test", _ShuffleSR)
+    torch.manual_seed(scale)
+    config = replace(preset("tiny", scale), sr=SRConfig(arch="shuffle-test"))
+    model = CARModel(config).eval()
+    assert isinstance(model.sr, _ShuffleSR) and model.sr.stage_margins() == (0, 2)
+    lr = quantize(torch.rand(1, 3, 23, 31, generator=torch.Generator().manual_seed(9)))
+    with torch.inference_mode():
+        whole = model.upscale(lr).clamp(0, 1)
+        tiled = TiledModel(model).upscale(lr, tile=8 * scale)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    hr = torch.rand(3, 40, 36, generator=torch.Generator().manual_seed(10))
+    plain = Processor(model).downscale(hr)
+    refined = Processor(model, refine=2, memory_budget=1 << 20).downscale(hr)
+    assert refined.shape == plain.shape
+    assert (refined - plain).abs().max() <= 4 / 255 + 1e-6  # within --refine-range levels

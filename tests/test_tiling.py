@@ -20,10 +20,10 @@ import torch
 from conftest import photo, record_dtypes
 from PIL import Image
 
-from carcli import runpolicy, tiler
+from carcli import runpolicy
 from carcli.engine import Processor
-from carcli.models import CARModel, preset, quantize
-from carcli.tiler import TiledModel, resampler_margin, spans, sr_margins
+from carcli.models import CARModel, op_halo, preset, quantize
+from carcli.tiler import TiledModel, spans
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -77,8 +77,8 @@ def _support(grad: torch.Tensor) -> tuple[int, int]:
 def test_margins_cover_the_receptive_field(scale: int) -> None:
     """What the gradient of one output reaches never exceeds the computed margins."""
     model = fresh("tiny", scale)
-    m = resampler_margin(model.config)
-    assert m % 8 == 0 and m >= tiler.op_halo(scale)
+    m = model.downscale_margin()
+    assert m % 8 == 0 and m >= op_halo(scale)
     hr = torch.rand(1, 3, 192, 40, requires_grad=True)
     kernels, off_h, off_v = model.resampler(hr)
     reach = 0
@@ -91,7 +91,7 @@ def test_margins_cover_the_receptive_field(scale: int) -> None:
         reach = max(reach, i * scale - lo, hi - (i * scale + scale - 1))
     assert reach <= m < reach + 8  # covers it, and no more than the 8-pixel rounding
 
-    body, up = sr_margins(model.config)
+    body, up = model.sr.stage_margins()
     lr = torch.rand(1, 3, 48, 12, requires_grad=True)
     model.sr(lr)[0, :, 24 * scale].sum().backward()  # HR row at the start of LR row 24
     lo, hi = _support(lr.grad)
@@ -132,7 +132,7 @@ def test_tiled_matches_untiled(scale: int, content: str, height: int, width: int
     hr = random_content(height, width, 1) if content == "random" else sample(content, height, width)
     lr_ref, sr_ref = untiled(model, hr)
     runner = TiledModel(model)
-    margin_lr = resampler_margin(model.config) // scale
+    margin_lr = model.downscale_margin() // scale
     # LR tile sides: smaller than the margin, about the margin, a few tiles per side.
     for tile in (max(2, margin_lr // 3), margin_lr + 2, 24):
         with torch.inference_mode():

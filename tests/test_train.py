@@ -14,8 +14,9 @@ from conftest import record_dtypes
 from PIL import Image
 
 from carcli.checkpoints import load_checkpoint
+from carcli.models.quantize import quantize_for_training
 from carcli.train.commands import parse_duration
-from carcli.train.losses import offset_loss, quantize_for_training, tv_loss
+from carcli.train.losses import offset_loss, tv_loss
 from carcli.train.trainer import LOG_NAME, TrainConfig, Trainer, lr_at
 
 

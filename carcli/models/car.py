@@ -8,11 +8,13 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from carcli.models import edsr as _edsr  # noqa: F401  (registers "edsr")
 from carcli.models.config import CARConfig
-from carcli.models.edsr import EDSR
 from carcli.models.layers import MeanShift
+from carcli.models.precision import autocast
 from carcli.models.quantize import quantize
 from carcli.models.resampler import SIZE_MULTIPLE, ResamplerNet
+from carcli.models.sr import SRNetwork, build_sr
 from carcli.ops import resample
 from carcli.ops.reference import reflect_pad
 
@@ -35,13 +37,36 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, min_side: int = 0) -> torch.
     return padded[..., p : p + h + ph, p : p + w + pw]
 
 
+def op_halo(scale: int) -> int:
+    """HR pixels an LR pixel of the resampling op reads beyond its own s x s block.
+
+    Tap centres reach k//2 HR pixels plus s * |offset| < s from the block centre
+    (offsets are tanh-bounded), and bilinear sampling adds one more pixel.
+    """
+    return (3 * scale + 1) // 2 + scale // 2 + 2
+
+
 class CARModel(nn.Module):
     def __init__(self, config: CARConfig) -> None:
         super().__init__()
         self.config = config
         self.scale = config.scale
         self.resampler = ResamplerNet(config)
-        self.sr = EDSR(config)
+        self.sr: SRNetwork = build_sr(config)
+
+    def downscale_margin(self) -> int:
+        """HR pixels of context a downscale tile needs on each side: a multiple of 8.
+
+        The larger of the resampler network's reach and the resampling op's, rounded
+        up to the 8-pixel cells the network sees the image in.
+        """
+        need = max(self.resampler.reach(), op_halo(self.scale))
+        return -(-need // SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+    def downscale_mixed(self, hr: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """:meth:`downscale` under autocast at ``precision`` (the resampling op stays float32)."""
+        with autocast(hr.device, precision):
+            return self.downscale(hr).float()
 
     def resample_padded(self, hr: torch.Tensor) -> torch.Tensor:
         """Float LR of an HR batch whose sides are already multiples of 8."""
@@ -86,6 +111,8 @@ def deepened(model: CARModel, blocks: int, name: str | None = None) -> CARModel:
     added blocks go last in the body with their second convolution zeroed, so each
     starts as an identity (``x + 0``) and training then puts the new capacity to use.
     """
+    if model.config.sr.arch != "edsr":
+        raise ValueError(f"only EDSR can be deepened, not {model.config.sr.arch!r}")
     old = model.config.sr.blocks
     if blocks < old:
         raise ValueError(f"cannot deepen EDSR from {old} to {blocks} blocks")

@@ -21,11 +21,16 @@ class ResamplerConfig:
 
 @dataclass(frozen=True)
 class SRConfig:
-    """EDSR: ``blocks`` residual blocks of ``features`` channels."""
+    """The SR network: EDSR with ``blocks`` residual blocks of ``features`` channels.
+
+    ``arch`` names the architecture (:func:`carcli.models.sr.build_sr`); configs
+    saved before it existed are EDSR.
+    """
 
     features: int = 256
     blocks: int = 32
     res_scale: float = 0.1
+    arch: str = "edsr"
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,11 @@ class CARConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        from carcli.models.sr import sr_architectures  # registered when carcli.models loads
+
+        arch = data.get("sr", {}).get("arch", "edsr")
+        if arch not in sr_architectures():
+            raise ValueError(f"unknown SR architecture {arch!r}; known: {sr_architectures()}")
         return cls(
             scale=int(data["scale"]),
             resampler=ResamplerConfig(**data.get("resampler", {})),

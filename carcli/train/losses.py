@@ -1,44 +1,10 @@
-"""Quantisation with a usable gradient, and the CAR regularisers."""
+"""The CAR regularisers on the resampler's kernels and offsets."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-
-from carcli.defaults import QUANT_GRADIENTS
-
-
-class _Quantize(torch.autograd.Function):
-    """Round to the 8-bit grid forward; soft-round (or straight-through) gradient backward."""
-
-    @staticmethod
-    def forward(ctx, lr: torch.Tensor, alpha: float) -> torch.Tensor:  # noqa: ANN001
-        z = lr.clamp(0.0, 1.0) * 255.0
-        ctx.save_for_backward(z)
-        ctx.alpha = alpha
-        return torch.round(z) / 255.0
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        (z,) = ctx.saved_tensors
-        if ctx.alpha == 0.0:
-            return grad, None
-        return grad * (1.0 - ctx.alpha * torch.cos(2.0 * math.pi * z)), None
-
-
-def quantize_for_training(
-    lr: torch.Tensor, gradient: str = "ste", alpha: float = 0.5
-) -> torch.Tensor:
-    """Real 8-bit rounding of ``lr``; ``gradient`` is "ste" or "soft" (soft-round, weight alpha).
-
-    The clamp to [0, 1] passes gradients straight through, so a resampler that
-    overshoots is still pulled back by the reconstruction loss.
-    """
-    if gradient not in QUANT_GRADIENTS:
-        names = " or ".join(repr(name) for name in QUANT_GRADIENTS)
-        raise ValueError(f"quantisation gradient must be {names}, got {gradient!r}")
-    return _Quantize.apply(lr, alpha if gradient == "soft" else 0.0)
 
 
 def tap_distance_weights(k: int, device: torch.device | None = None) -> torch.Tensor:

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 
 from carcli.metrics import PEAK, rgb_to_y
 from carcli.models import CARModel, deepened, preset
+from carcli.models.precision import autocast
+from carcli.models.quantize import QUANT_GRADIENTS, quantize_for_training
 from carcli.ops import resample
 from carcli.runpolicy import default_precision
-from carcli.tiler import float_kernel_head, sr_forward
 from carcli.train.data import PatchSampler
-from carcli.train.losses import QUANT_GRADIENTS, offset_loss, quantize_for_training, tv_loss
+from carcli.train.losses import offset_loss, tv_loss
 from carcli.train.progress import TrainDisplay, status_line
 
 STATE_NAME = "state.pt"
@@ -157,13 +158,6 @@ def training_precision(spec: str, device: torch.device) -> str:
     return default_precision(device)
 
 
-def _autocast(precision: str, device: torch.device):  # noqa: ANN202
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def training_losses(
     model: CARModel,
     hr: torch.Tensor,
@@ -177,16 +171,16 @@ def training_losses(
     regularisers, constants then, are left out.
     """
     grad = contextlib.nullcontext() if not freeze_resampler else torch.no_grad()
-    # The same float32 islands as inference (carcli.tiler): the kernel head's
-    # normalisation, and EDSR's first and last convs.
-    with grad, _autocast(cfg.precision, device), float_kernel_head(model, cfg.precision):
+    # The networks keep the same float32 islands as in inference: the kernel head's
+    # normalisation, and EDSR's first and last convs (SRNetwork.forward_mixed).
+    with grad, autocast(device, cfg.precision):
         kernels, offsets_h, offsets_v = model.resampler(hr)
     kernels, offsets_h, offsets_v = kernels.float(), offsets_h.float(), offsets_v.float()
     lr = resample(hr, kernels, offsets_h, offsets_v, model.scale)
     lr_q = quantize_for_training(lr, cfg.quant_grad, cfg.soft_alpha)
     if cfg.channels_last:
         lr_q = lr_q.contiguous(memory_format=torch.channels_last)
-    sr = sr_forward(model.sr, lr_q, _autocast(cfg.precision, device))
+    sr = model.sr.forward_mixed(lr_q, cfg.precision)
     if cfg.loss not in RECONSTRUCTION_LOSSES:
         names = " or ".join(RECONSTRUCTION_LOSSES)
         raise ValueError(f"reconstruction loss must be {names}, got {cfg.loss!r}")
