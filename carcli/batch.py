@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from carcli.errors import ProcessingError
+from carcli.formats import is_stdio
 from carcli.imageio import (
     ImageReadError,
     ImageWriteError,
@@ -171,12 +172,14 @@ class Task:
 
 def make_items(task: Task, inputs: Sequence[tuple[Path, Path]]) -> list[Item]:
     """Items with their outputs; name clashes and outputs that are inputs fail up front."""
-    sources = {os.path.realpath(src) for src, _ in inputs}
+    sources = {os.path.realpath(src) for src, _ in inputs if not is_stdio(src)}
     claimed: dict[str, str] = {}
     items = []
     for src, rel in inputs:
         item = Item(src=src, rel=rel.as_posix(), outputs=task.outputs_for(rel))
         for path in item.outputs.values():
+            if is_stdio(path):  # standard output: nothing on disk to clash with
+                continue
             real = os.path.realpath(path)
             if real in sources:
                 item.error = f"refusing to overwrite an input file ({path})"
@@ -236,7 +239,7 @@ def _load(task: Task, item: Item) -> _Job:
         task.skip_done
         and not task.overwrite
         and item.outputs
-        and all(p.exists() for p in item.outputs.values())
+        and all(p.exists() and not is_stdio(p) for p in item.outputs.values())
     ):
         job.status = "skipped"
         return job

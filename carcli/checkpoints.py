@@ -15,6 +15,7 @@ message, so the CLI can print it instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,6 +58,53 @@ class NoWeightsInstalled(WeightsError):
 def shipped_name(scale: int) -> str:
     """File name of carcli's own weights for ``scale`` inside the weights folder."""
     return f"car_x{scale}.safetensors"
+
+
+# A generic upscaler: an SR network trained on plain bicubic LR images, for inputs that
+# `car downscale` did not make. It lives next to the pair weights as car_generic_x{s}, in the
+# carcli-car/1 format (its resampler part is never used) with metadata "role": "generic-sr".
+GENERIC_ROLE = "generic-sr"
+
+
+def generic_name(scale: int) -> str:
+    """File name of the generic (SR-only) upscaler for ``scale`` next to the pair weights."""
+    return f"car_generic_x{scale}.safetensors"
+
+
+def find_generic(weights: Path | None, scale: int) -> Path | None:
+    """The generic upscaler beside the pair weights (``--weights``' folder, else the installed
+    weights folder), or None when there is none."""
+    if weights is None:
+        folder = weights_dir()
+    else:
+        weights = Path(weights).expanduser()
+        folder = weights if weights.is_dir() else weights.parent
+    path = folder / generic_name(scale)
+    return path if path.is_file() else None
+
+
+def load_generic(path: Path, scale: int, device: str | torch.device = "cpu") -> CARModel:
+    """The generic upscaler at ``path``; WeightsError unless its metadata marks it as one."""
+    model, meta = _load_checked_scale(Path(path), scale, device)
+    if meta.get("role") != GENERIC_ROLE:
+        raise WeightsError(
+            f"{path} is named like a generic upscaler but its metadata lacks "
+            f'"role": "{GENERIC_ROLE}"; remove or rename it'
+        )
+    return model
+
+
+def weights_files(weights: Path | None, scale: int, meta: dict[str, Any]) -> list[Path]:
+    """The files :func:`load_model` read for these arguments (for reports and their SHA-256)."""
+    if meta.get("source") == "official":
+        folder = Path(meta.get("path", weights or "."))
+        with contextlib.suppress(WeightsError):
+            folder = _official_folder(folder, scale)
+        return [folder / name for name in OFFICIAL_FILES]
+    if weights is None:
+        return [weights_dir() / shipped_name(scale)]
+    path = Path(weights).expanduser()
+    return [path if path.is_file() else path / shipped_name(scale)]
 
 
 def weights_dir() -> Path:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from enum import Enum
 from pathlib import Path
@@ -27,6 +29,7 @@ from carcli.train import commands as train_commands
 if TYPE_CHECKING:
     from carcli.batch import Outcome, Task
     from carcli.engine import Processor
+    from carcli.report import ModelInfo
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 LOSSY_REFUSED = (
@@ -43,7 +46,7 @@ app = typer.Typer(
         "original size when the PNG came from `car downscale`."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -70,6 +73,18 @@ class LRFormat(str, Enum):
 # ---------------------------------------------------------------- shared options
 
 ScaleOpt = Annotated[Scale, typer.Option("--scale", "-s", help="Scale factor.")]
+UpscaleScaleOpt = Annotated[
+    Scale | None,
+    typer.Option(
+        "--scale",
+        "-s",
+        help=(
+            "Scale factor. Default: the one `car downscale` recorded in each PNG "
+            "(carcli:scale), else 4."
+        ),
+        show_default=False,
+    ),
+]
 WeightsOpt = Annotated[
     Path | None,
     typer.Option(
@@ -110,7 +125,45 @@ QuietOpt = Annotated[
 ]
 JsonOpt = Annotated[
     Path | None,
-    typer.Option("--json", help="Also write a JSON report to FILE.", metavar="FILE"),
+    typer.Option(
+        "--json",
+        help=(
+            "Also write a JSON report to FILE (- for standard output): every image, the "
+            "failed and skipped ones, the weights and their SHA-256, device and precision "
+            "(docs/report-schema.md)."
+        ),
+        metavar="FILE",
+    ),
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="OUTPUT as an option (the same as giving it as the second argument).",
+        show_default=False,
+    ),
+]
+OutputArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help=(
+            "Output folder (mirrors INPUT's relative paths), or an output file name when "
+            "INPUT is one file; - writes the image to standard output. Or use -o/--output."
+        ),
+        show_default=False,
+    ),
+]
+SuffixOpt = Annotated[
+    str,
+    typer.Option(
+        "--suffix",
+        help=(
+            "Text added to each output name before its extension, as Real-ESRGAN's --suffix "
+            "(photo.jpg -> photo_x4.png with --suffix _x4). {ext} stands for the input's "
+            "extension, so x.png and x.jpg in one folder get distinct outputs (--suffix _{ext})."
+        ),
+    ),
 ]
 TileOpt = Annotated[
     int | None,
@@ -175,8 +228,10 @@ RefineRangeOpt = Annotated[
 InputArg = Annotated[
     Path,
     typer.Argument(
-        exists=True,
-        help="An image file or a folder of images (PNG, JPEG, WebP, BMP, TIFF).",
+        help=(
+            "An image file or a folder of images (PNG, JPEG, WebP, BMP, TIFF, AVIF; HEIC with "
+            "the 'heif' extra); - reads one image from standard input."
+        ),
         show_default=False,
     ),
 ]
@@ -187,14 +242,22 @@ QualityOpt = Annotated[
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn the errors a user can cause into one line and an exit code, never a traceback."""
-    from carcli.checkpoints import WeightsError
+    """Turn the errors a user can cause into one line and an exit code, never a traceback.
+
+    carcli.checkpoints (torch) is only consulted when it was imported: a
+    WeightsError cannot come from anywhere else, and usage errors stay fast.
+    """
     from carcli.errors import UsageError
 
     err = stderr_console()
     try:
         yield
-    except (UsageError, WeightsError) as exc:
+    except Exception as exc:
+        checkpoints = sys.modules.get("carcli.checkpoints")
+        if not isinstance(exc, UsageError) and not (
+            checkpoints is not None and isinstance(exc, checkpoints.WeightsError)
+        ):
+            raise
         err.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -210,24 +273,34 @@ def _user_errors() -> Iterator[None]:
 
 def _processor(
     weights: Path | None,
-    scale: Scale,
+    scale: int,
     device: str,
     precision: Precision = Precision.auto,
     tile: int | None = None,
     threads: int | None = None,
     refine: int = 0,
     refine_range: int = REFINE_MAX_CHANGE,
-) -> Processor:
-    """The model on its device, tuned: channels-last, the precision, tiles, threads."""
-    from carcli.checkpoints import load_model
+    generic: Path | None = None,
+) -> tuple[Processor, ModelInfo]:
+    """The model on its device, tuned: channels-last, the precision, tiles, threads.
+
+    ``generic``: load this generic upscaler (SR only) instead of the pair.
+    """
+    from carcli.checkpoints import load_generic, load_model, weights_files
     from carcli.engine import Processor
+    from carcli.report import ModelInfo
     from carcli.runpolicy import resolve_device, set_cpu_threads
 
     dev = resolve_device(device)
     if threads is not None or dev.type == "cpu":
         set_cpu_threads(threads)
-    model, _ = load_model(weights, int(scale.value), dev)
-    return Processor(
+    if generic is not None:
+        model = load_generic(generic, scale, dev)
+        info = ModelInfo(scale, [generic], role="generic")
+    else:
+        model, meta = load_model(weights, scale, dev)
+        info = ModelInfo(scale, weights_files(weights, scale, meta))
+    processor = Processor(
         model,
         dev,
         precision.value,
@@ -236,21 +309,116 @@ def _processor(
         refine=refine,
         refine_max_change=refine_range,
     )
+    return processor, info
 
 
-def _run(task: Task, source: Path, recursive: bool, quiet: bool) -> list[Outcome]:
-    from carcli.batch import make_items, run_batch
-    from carcli.console import ConsoleReporter
+def _inputs(source: Path, recursive: bool) -> list[tuple[Path, Path]]:
+    """INPUT's images (file, relative path); a usage error when there are none."""
     from carcli.errors import UsageError
-    from carcli.imageio import IMAGE_SUFFIXES
-    from carcli.paths import collect_inputs
+    from carcli.formats import IMAGE_SUFFIXES
+    from carcli.paths import check_input, collect_inputs
 
+    check_input(source)
     inputs = collect_inputs(source, recursive)
     if not inputs:
         kinds = " ".join(sorted(IMAGE_SUFFIXES))
         hint = "" if recursive else "; add --recursive to look in subfolders"
         raise UsageError(f"no images found in {source} (looked for {kinds}){hint}")
+    return inputs
+
+
+def _output(positional: Path | None, option: Path | None) -> Path:
+    """OUTPUT from the argument or -o/--output (one of them, or both equal)."""
+    from carcli.errors import UsageError
+
+    if positional is not None and option is not None and positional != option:
+        raise UsageError(f"OUTPUT given twice ({positional} and -o {option}); give it once")
+    output = positional if positional is not None else option
+    if output is None:
+        raise UsageError(
+            "missing OUTPUT: give it as the second argument or with -o/--output "
+            "(- for standard output)"
+        )
+    return output
+
+
+def _check_suffix(suffix: str) -> None:
+    from carcli.errors import UsageError
+
+    if "/" in suffix or "\\" in suffix or suffix in (".", ".."):
+        raise UsageError(f"--suffix {suffix!r} must not contain a path separator")
+
+
+def _check_collisions(inputs: Sequence[tuple[Path, Path]], outputs: Any, suffix: str) -> None:
+    """Refuse a run where two inputs would write the same output (x.png and x.jpg -> x.png).
+
+    ``outputs(rel)`` gives an input's output paths. Checked before any model is
+    loaded, so the mistake costs nothing; the batch would otherwise fail the
+    second file only after the first was written.
+    """
+    import os
+
+    from carcli.errors import UsageError
+    from carcli.formats import is_stdio
+
+    claimed: dict[str, str] = {}
+    for _, rel in inputs:
+        for path in outputs(rel):
+            if is_stdio(path):
+                continue
+            key = os.path.normcase(os.path.abspath(path))
+            if key in claimed and claimed[key] != rel.as_posix():
+                hint = (
+                    "rename one"
+                    if "{ext}" in suffix
+                    else "add --suffix '_{ext}' to keep the input's extension in output names, "
+                    "or rename one"
+                )
+                raise UsageError(
+                    f"{claimed[key]} and {rel.as_posix()} would both be written to {path}; {hint}"
+                )
+            claimed[key] = rel.as_posix()
+
+
+def _run(task: Task, inputs: Sequence[tuple[Path, Path]], quiet: bool) -> list[Outcome]:
+    from carcli.batch import make_items, run_batch
+    from carcli.console import ConsoleReporter
+
     return run_batch(task, make_items(task, inputs), ConsoleReporter(quiet=quiet))
+
+
+def _check_json(json_file: Path | None, output: Path | None) -> None:
+    from carcli.errors import UsageError
+    from carcli.formats import is_stdio
+
+    if is_stdio(json_file) and is_stdio(output):
+        raise UsageError("--json - and OUTPUT - would both write to standard output; pick one")
+
+
+def _report(
+    command: str,
+    input: Path,
+    output: Path | None,
+    processors: Sequence[tuple[Processor, ModelInfo]],
+    outcomes: Sequence[Outcome],
+    started: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    from carcli.report import RunInfo, build_report
+
+    scales = {info.scale for _, info in processors}
+    first = processors[0][0] if processors else None
+    run = RunInfo(
+        command=command,
+        input=str(input),
+        output=None if output is None else str(output),
+        device=str(first.device) if first else "none",
+        precision=first.precision if first else "none",
+        models=[info for _, info in processors],
+        scale=scales.pop() if len(scales) == 1 else None,
+        seconds=time.perf_counter() - started,
+    )
+    return build_report(run, outcomes, extra)
 
 
 def _write_json(path: Path | None, data: dict[str, Any]) -> bool:
@@ -265,19 +433,6 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> bool:
         stderr_console().print(f"error: --json: {exc}", style="red", markup=False, soft_wrap=True)
         return False
     return True
-
-
-def _batch_json(command: str, scale: Scale, outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    return {
-        "command": command,
-        "scale": int(scale.value),
-        "count": sum(o.status == "ok" for o in outcomes),
-        "failed": [
-            {"file": o.item.rel, "error": o.error} for o in outcomes if o.status == "failed"
-        ],
-        "skipped": [o.item.rel for o in outcomes if o.status == "skipped"],
-        "images": [o.record for o in outcomes if o.status == "ok"],
-    }
 
 
 def _exit(outcomes: Sequence[Outcome], json_ok: bool = True) -> None:
@@ -309,16 +464,9 @@ def _root(
 @app.command()
 def downscale(
     input: InputArg,
-    output: Annotated[
-        Path,
-        typer.Argument(
-            help=(
-                "Output folder (mirrors INPUT's relative paths), or an output file name when "
-                "INPUT is one file."
-            ),
-            show_default=False,
-        ),
-    ],
+    output: OutputArg = None,
+    output_opt: OutputOpt = None,
+    suffix: SuffixOpt = "",
     scale: ScaleOpt = Scale.x4,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
@@ -357,37 +505,66 @@ def downscale(
     resized with bicubic and kept (RGBA PNG).
     """
     from carcli.errors import UsageError
-    from carcli.imageio import FORMATS
-    from carcli.paths import check_paths, output_target
-    from carcli.tasks import DownscaleTask
+    from carcli.formats import FORMATS
 
+    started = time.perf_counter()
     with _user_errors():
-        check_paths(input, output, recursive)
-        out_dir, out_file, fmt_name = output_target(input, output, fmt.value if fmt else None)
+        output = _output(output, output_opt)
+        out_dir, out_file, fmt_name, inputs = _writing_plan(
+            input, output, fmt, suffix, recursive, json_file
+        )
         if not FORMATS[fmt_name][1] and not allow_lossy:
             raise UsageError(LOSSY_REFUSED.format(fmt=fmt_name.upper()))
-        processor = _processor(
-            weights, scale, device, precision, tile, threads, refine, refine_range
+        from carcli.tasks import DownscaleTask
+
+        processor, info = _processor(
+            weights, int(scale.value), device, precision, tile, threads, refine, refine_range
         )
-        task = DownscaleTask(processor, out_dir, out_file, fmt_name, quality, overwrite)
-        outcomes = _run(task, input, recursive, quiet)
-    _exit(outcomes, _write_json(json_file, _batch_json("downscale", scale, outcomes)))
+        task = DownscaleTask(
+            processor, out_dir, out_file, fmt_name, quality, overwrite, suffix=suffix
+        )
+        outcomes = _run(task, inputs, quiet)
+    report = _report("downscale", input, output, [(processor, info)], outcomes, started)
+    _exit(outcomes, _write_json(json_file, report))
+
+
+def _writing_plan(
+    input: Path,
+    output: Path,
+    fmt: LRFormat | None,
+    suffix: str,
+    recursive: bool,
+    json_file: Path | None,
+) -> tuple[Path | None, Path | None, str, list[tuple[Path, Path]]]:
+    """Everything downscale and upscale check before loading a model (no torch)."""
+    from carcli.formats import FORMATS, output_name
+    from carcli.paths import check_input, check_paths, output_target
+
+    check_input(input)
+    _check_suffix(suffix)
+    _check_json(json_file, output)
+    check_paths(input, output, recursive)
+    out_dir, out_file, fmt_name = output_target(input, output, fmt.value if fmt else None)
+    inputs = _inputs(input, recursive)
+    extension = FORMATS[fmt_name][0]
+
+    def outputs(rel: Path) -> list[Path]:
+        if out_file is not None:
+            return [out_file]
+        assert out_dir is not None
+        return [out_dir / output_name(rel, extension, suffix)]
+
+    _check_collisions(inputs, outputs, suffix)
+    return out_dir, out_file, fmt_name, inputs
 
 
 @app.command()
 def upscale(
     input: InputArg,
-    output: Annotated[
-        Path,
-        typer.Argument(
-            help=(
-                "Output folder (mirrors INPUT's relative paths), or an output file name when "
-                "INPUT is one file."
-            ),
-            show_default=False,
-        ),
-    ],
-    scale: ScaleOpt = Scale.x4,
+    output: OutputArg = None,
+    output_opt: OutputOpt = None,
+    suffix: SuffixOpt = "",
+    scale: UpscaleScaleOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     recursive: RecursiveOpt = False,
@@ -407,21 +584,90 @@ def upscale(
 ) -> None:
     """Reconstruct full-size images from CAR-downscaled ones.
 
-    When the PNG came from `car downscale` (text chunk carcli:source-size), the
-    output has exactly the original size; otherwise it is s*h x s*w. 16-bit
-    inputs give 16-bit PNGs. Use the same --scale and weights as for
-    downscaling: the SR network only understands its own resampler's images.
+    When the PNG came from `car downscale` (text chunks carcli:source-size and
+    carcli:scale), the output has exactly the original size and the recorded
+    scale is used unless --scale is given; otherwise it is s*h x s*w. 16-bit
+    inputs give 16-bit PNGs. The SR network only understands its own
+    resampler's images: for other images (no carcli note) it can do worse than
+    bicubic, which is said once per run, and the generic upscaler
+    (car_generic_x2/x4.safetensors next to the weights) is used when installed.
     """
-    from carcli.paths import check_paths, output_target
-    from carcli.tasks import UpscaleTask
-
+    started = time.perf_counter()
     with _user_errors():
-        check_paths(input, output, recursive)
-        out_dir, out_file, fmt_name = output_target(input, output, fmt.value if fmt else None)
-        processor = _processor(weights, scale, device, precision, tile, threads)
-        task = UpscaleTask(processor, out_dir, out_file, fmt_name, quality, overwrite)
-        outcomes = _run(task, input, recursive, quiet)
-    _exit(outcomes, _write_json(json_file, _batch_json("upscale", scale, outcomes)))
+        output = _output(output, output_opt)
+        out_dir, out_file, fmt_name, inputs = _writing_plan(
+            input, output, fmt, suffix, recursive, json_file
+        )
+        chosen = None if scale is None else int(scale.value)
+        groups, foreign = _upscale_groups(inputs, chosen)
+        from carcli.checkpoints import find_generic  # torch: only once the command is valid
+
+        generic = {s: find_generic(weights, s) for s in {s for s, _ in groups}}
+        if foreign:
+            _warn_foreign(len(foreign), len(inputs), generic, {s for s, _ in foreign})
+
+        from carcli.tasks import UpscaleTask
+
+        processors, outcomes = [], []
+        for (s, made_by_car), members in groups.items():
+            use_generic = None if made_by_car else generic.get(s)
+            processor, info = _processor(
+                weights, s, device, precision, tile, threads, generic=use_generic
+            )
+            processors.append((processor, info))
+            task = UpscaleTask(
+                processor, out_dir, out_file, fmt_name, quality, overwrite, suffix=suffix
+            )
+            outcomes += _run(task, members, quiet)
+    order = {rel.as_posix(): i for i, (_, rel) in enumerate(inputs)}
+    outcomes.sort(key=lambda o: order.get(o.item.rel, 0))
+    report = _report("upscale", input, output, processors, outcomes, started)
+    _exit(outcomes, _write_json(json_file, report))
+
+
+def _upscale_groups(
+    inputs: Sequence[tuple[Path, Path]], scale: int | None
+) -> tuple[dict[tuple[int, bool], list[tuple[Path, Path]]], list[tuple[int, Path]]]:
+    """Inputs by (scale, made by car downscale), and the (scale, file)s that were not.
+
+    The scale is ``scale`` when given, else the one the file's carcli note
+    records, else 4. Read from the PNG's text chunks only, before any model.
+    """
+    from carcli.formats import SCALE_KEY, SOURCE_SIZE_KEY, read_png_text
+
+    groups: dict[tuple[int, bool], list[tuple[Path, Path]]] = {}
+    foreign: list[tuple[int, Path]] = []
+    for src, rel in inputs:
+        note = read_png_text(src)
+        recorded = note.get(SCALE_KEY, "")
+        s = scale or (int(recorded) if recorded in ("2", "4") else 4)
+        made_by_car = SOURCE_SIZE_KEY in note
+        if not made_by_car:
+            foreign.append((s, rel))
+        groups.setdefault((s, made_by_car), []).append((src, rel))
+    return groups, foreign
+
+
+def _warn_foreign(count: int, total: int, generic: dict[int, Path | None], scales: set) -> None:
+    """One line for the run: these images were not made by `car downscale`."""
+    which = "the input carries" if total == 1 else f"{count} of {total} images carry"
+    found = [str(generic[s]) for s in sorted(scales) if generic.get(s)]
+    if found and len(found) == len(scales):
+        action = f"using the generic upscaler {', '.join(found)} for them"
+    else:
+        action = (
+            "results may be worse than bicubic (no generic upscaler "
+            f"{'/'.join(f'car_generic_x{s}.safetensors' for s in sorted(scales))} is installed "
+            "next to the weights)"
+        )
+    stderr_console().print(
+        f"warning: {which} no carcli note (not made by `car downscale`): the CAR upscaler is "
+        f"trained on its own downscaled images; {action}",
+        style="yellow",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -429,8 +675,10 @@ def roundtrip(
     input: Annotated[
         Path | None,
         typer.Argument(
-            exists=True,
-            help="An image or a folder of images. Default: the bundled samples/ folder.",
+            help=(
+                "An image or a folder of images (- reads one from standard input). Default: "
+                "the bundled samples/ folder."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -443,6 +691,7 @@ def roundtrip(
             show_default=False,
         ),
     ] = None,
+    suffix: SuffixOpt = "",
     scale: ScaleOpt = Scale.x4,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
@@ -476,10 +725,10 @@ def roundtrip(
     """
     from carcli.console import roundtrip_table, stdout_console
     from carcli.errors import UsageError
-    from carcli.evaluation import roundtrip_report
-    from carcli.paths import check_paths
-    from carcli.tasks import RoundtripTask
+    from carcli.formats import is_stdio, output_name
+    from carcli.paths import check_input, check_paths
 
+    started = time.perf_counter()
     with _user_errors():
         if input is None:
             if not SAMPLES_DIR.is_dir():
@@ -487,25 +736,39 @@ def roundtrip(
                     f"no INPUT given and the bundled samples folder {SAMPLES_DIR} is missing"
                 )
             input = SAMPLES_DIR
+        check_input(input)
+        _check_suffix(suffix)
         if compare and output is None:
             raise UsageError("--compare writes images, so it needs --output DIR")
         if output is not None:
+            if is_stdio(output):
+                raise UsageError("--output is a folder (lr/, sr/), not standard output")
             check_paths(input, output, recursive)
             if output.exists() and not output.is_dir():
                 raise UsageError(f"--output must be a folder, but {output} is a file")
-        processor = _processor(
-            weights, scale, device, precision, tile, threads, refine, refine_range
+        inputs = _inputs(input, recursive)
+        if output is not None:
+            _check_collisions(
+                inputs, lambda rel: [output / "sr" / output_name(rel, ".png", suffix)], suffix
+            )
+        from carcli.evaluation import roundtrip_report
+        from carcli.tasks import RoundtripTask
+
+        processor, info = _processor(
+            weights, int(scale.value), device, precision, tile, threads, refine, refine_range
         )
         if tile is not None:  # --tile counts HR pixels here: the image this command returns
             processor.down_tile = max(1, tile // processor.scale)
-        task = RoundtripTask(processor, output, compare=compare, overwrite=overwrite)
-        outcomes = _run(task, input, recursive, quiet)
-    report = roundtrip_report(outcomes, int(scale.value))
+        task = RoundtripTask(processor, output, compare=compare, overwrite=overwrite, suffix=suffix)
+        outcomes = _run(task, inputs, quiet)
+    means = roundtrip_report(outcomes, int(scale.value))
+    extra = {k: means[k] for k in ("psnr", "ssim", "baselines") if k in means}
     if refine:
-        report["refine"] = {"steps": refine, "range": refine_range}
-    if not quiet and report["count"]:
+        extra["refine"] = {"steps": refine, "range": refine_range}
+    report = _report("roundtrip", input, output, [(processor, info)], outcomes, started, extra)
+    if not quiet and report["count"] and not is_stdio(json_file):
         records = [o.record for o in outcomes if o.status == "ok"]
-        stdout_console().print(roundtrip_table(records, report))
+        stdout_console().print(roundtrip_table(records, means))
     json_ok = _write_json(json_file, report)
     if task.kept and not quiet:
         stderr_console().print(

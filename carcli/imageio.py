@@ -23,7 +23,6 @@ import struct
 import sys
 import warnings
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,41 +32,32 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+from carcli.formats import (  # noqa: F401  (re-exported: the light part of this module)
+    FORMATS,
+    HEIF_EXTRA_HINT,
+    IMAGE_SUFFIXES,
+    SCALE_KEY,
+    SOURCE_SIZE_KEY,
+    STDIO,
+    ImageReadError,
+    ImageWriteError,
+    find_images,
+    format_for_suffix,
+    is_image_path,
+    is_stdio,
+    output_name,
+    read_png_text,
+    read_stdin,
 )
+
 # Decoded formats: Pillow's names (AVIF natively in Pillow >= 11.2; HEIF via pillow-heif).
 _READ_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "TIFF", "MPO", "DIB", "AVIF", "HEIF"})
 # ISO-BMFF brands (bytes 8..12 of the file) of HEIF images that need pillow-heif.
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
-HEIF_EXTRA_HINT = "reading HEIC/HEIF needs the optional extra: pip install 'carcli[heif]'"
-
-# ``-`` as INPUT or OUTPUT: standard input or output, as image tools allow.
-STDIO = "-"
-
-# PNG text chunks that ``car downscale`` writes so ``car upscale`` can restore the exact size.
-SOURCE_SIZE_KEY = "carcli:source-size"  # "WxH" of the image that was downscaled
-SCALE_KEY = "carcli:scale"  # the factor it was downscaled by
-
-# Output formats: name -> (file suffix, lossless, can hold 16 bits per sample).
-FORMATS: dict[str, tuple[str, bool, bool]] = {
-    "png": (".png", True, True),
-    "webp": (".webp", True, False),
-    "jpg": (".jpg", False, False),
-}
-_SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"}
 
 _TEMP_MARKER = ".carcli-tmp-"
 _EXIF_ORIENTATION = 0x0112
 _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-
-
-class ImageReadError(Exception):
-    """A file that cannot be decoded; the message is one line for the user."""
-
-
-class ImageWriteError(Exception):
-    """An image that cannot be encoded or written; the message is one line for the user."""
 
 
 @dataclass
@@ -109,19 +99,6 @@ def read_image(path: Path | str) -> Picture:
     except OSError as exc:
         raise ImageReadError(exc.strerror or str(exc)) from None
     return decode_image(data)
-
-
-def is_stdio(path: Path | str | None) -> bool:
-    """Whether a command-line path is ``-`` (standard input or output)."""
-    return path is not None and str(path) == STDIO
-
-
-def read_stdin() -> bytes:
-    """All of standard input as bytes; refuses a terminal (nobody pipes an image by typing)."""
-    stream = sys.stdin.buffer if sys.stdin is not None else None
-    if stream is None or stream.isatty():
-        raise ImageReadError("no image on standard input (pipe one in, or name a file)")
-    return stream.read()
 
 
 def _is_heif(data: bytes) -> bool:
@@ -563,40 +540,6 @@ def write_stdout(data: bytes) -> None:
         raise ImageWriteError(f"cannot write to standard output: {exc.strerror or exc}") from None
 
 
-def format_for_suffix(suffix: str) -> str:
-    """Output format name for a file suffix (``.png`` -> ``png``)."""
-    try:
-        return _SUFFIX_FORMATS[suffix.lower()]
-    except KeyError:
-        names = ", ".join(sorted(_SUFFIX_FORMATS))
-        raise ImageWriteError(
-            f"cannot write {suffix or 'files without a suffix'}; use one of {names}"
-        ) from None
-
-
 def is_temp_file(path: Path) -> bool:
     """Whether ``path`` is one of our in-progress temp files."""
     return _TEMP_MARKER in path.name
-
-
-# --------------------------------------------------------------------------- finding
-
-
-def is_image_path(path: Path) -> bool:
-    """Whether the name looks like an image we read (decoding decides whether it is one)."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-
-
-def find_images(root: Path, recursive: bool = False) -> list[Path]:
-    """Image files under ``root`` in a stable order; hidden files and folders are skipped."""
-    root = Path(root)
-    return sorted(_walk(root, recursive), key=lambda p: p.relative_to(root).as_posix())
-
-
-def _walk(root: Path, recursive: bool) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
-        for name in filenames:
-            path = Path(dirpath) / name
-            if is_image_path(path) and path.is_file():
-                yield path

@@ -6,16 +6,28 @@ import os
 from pathlib import Path
 
 from carcli.errors import UsageError
-from carcli.imageio import (
+from carcli.formats import (
+    STDIO,
     ImageWriteError,
     find_images,
     format_for_suffix,
     is_image_path,
+    is_stdio,
 )
+
+STDIN_NAME = "<stdin>"  # how messages and reports name the image read from standard input
+
+
+def check_input(source: Path) -> None:
+    """INPUT must exist, or be ``-`` (standard input)."""
+    if not is_stdio(source) and not os.path.lexists(source):
+        raise UsageError(f"INPUT {source} does not exist")
 
 
 def collect_inputs(source: Path, recursive: bool = False) -> list[tuple[Path, Path]]:
     """(file, path relative to INPUT) for a file or every image in a folder."""
+    if is_stdio(source):
+        return [(Path(STDIO), Path(STDIN_NAME))]
     source = Path(source)
     if source.is_dir():
         return [(p, p.relative_to(source)) for p in find_images(source, recursive)]
@@ -25,6 +37,10 @@ def collect_inputs(source: Path, recursive: bool = False) -> list[tuple[Path, Pa
 def check_paths(source: Path, output: Path | None, recursive: bool) -> None:
     """Refuse OUTPUT equal to INPUT, and OUTPUT inside INPUT when outputs would be re-read."""
     if output is None:
+        return
+    if is_stdio(source) or is_stdio(output):
+        if is_stdio(output) and Path(source).is_dir():
+            raise UsageError("OUTPUT - (standard output) takes one image, but INPUT is a folder")
         return
     src, out = Path(os.path.realpath(source)), Path(os.path.realpath(output))
     if src == out:
@@ -46,8 +62,21 @@ def check_paths(source: Path, output: Path | None, recursive: bool) -> None:
 def output_target(
     source: Path, output: Path, fmt: str | None
 ) -> tuple[Path | None, Path | None, str]:
-    """(folder, file, format) for OUTPUT: a file only if INPUT is one and OUTPUT looks like one."""
-    if source.is_file() and not output.is_dir() and is_image_path(Path(output.name)):
+    """(folder, file, format) for OUTPUT: a file only if INPUT is one and OUTPUT looks like one.
+
+    ``-`` as OUTPUT is standard output (PNG unless ``fmt`` says otherwise); ``-``
+    as INPUT needs OUTPUT to be a file name or ``-``.
+    """
+    if is_stdio(output):
+        return None, Path(STDIO), fmt or "png"
+    one_file = is_stdio(source) or source.is_file()
+    looks_like_file = not output.is_dir() and is_image_path(Path(output.name))
+    if is_stdio(source) and not looks_like_file:
+        raise UsageError(
+            "INPUT - (standard input) is one image: OUTPUT must be a file name "
+            "(with an image suffix) or - (standard output)"
+        )
+    if one_file and looks_like_file:
         try:
             implied = format_for_suffix(output.suffix)
         except ImageWriteError as exc:

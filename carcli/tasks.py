@@ -10,6 +10,7 @@ import torch
 
 from carcli.batch import Item, Result, Task
 from carcli.engine import Processor
+from carcli.formats import output_name
 from carcli.imageio import (
     FORMATS,
     Picture,
@@ -43,15 +44,17 @@ class _WritingTask(Task):
         fmt: str = "png",
         quality: int = 95,
         overwrite: bool = False,
+        suffix: str = "",
     ) -> None:
         super().__init__(processor, overwrite)
         self.out_dir, self.out_file, self.fmt, self.quality = out_dir, out_file, fmt, quality
+        self.suffix = suffix  # added to output names, as Real-ESRGAN's --suffix
 
     def outputs_for(self, rel: Path) -> dict[str, Path]:
         if self.out_file is not None:
             return {"image": self.out_file}
         assert self.out_dir is not None
-        return {"image": self.out_dir / rel.with_suffix(FORMATS[self.fmt][0])}
+        return {"image": self.out_dir / output_name(rel, FORMATS[self.fmt][0], self.suffix)}
 
     def save(self, item: Item, result: Result) -> None:
         picture = result.images["image"]
@@ -159,15 +162,17 @@ class RoundtripTask(Task):
         compare: bool = False,
         compare_bicubic: bool = True,
         overwrite: bool = False,
+        suffix: str = "",
     ) -> None:
         super().__init__(processor, overwrite)
         self.out_dir, self.compare, self.compare_bicubic = out_dir, compare, compare_bicubic
+        self.suffix = suffix
         self.kept = 0  # existing output files left alone (no --overwrite)
 
     def outputs_for(self, rel: Path) -> dict[str, Path]:
         if self.out_dir is None:
             return {}
-        name = rel.with_suffix(".png")
+        name = output_name(rel, ".png", self.suffix)
         outputs = {"lr": self.out_dir / "lr" / name, "sr": self.out_dir / "sr" / name}
         if self.compare:
             outputs["compare"] = self.out_dir / "compare" / name

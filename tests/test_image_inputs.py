@@ -155,6 +155,14 @@ def test_heic_without_the_extra_says_how_to_get_it(monkeypatch: pytest.MonkeyPat
 # --------------------------------------------------------------------------- stdin and stdout
 
 
+@pytest.fixture(autouse=True)
+def _fresh_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Standard input is read once per process; each test starts unread."""
+    from carcli import formats
+
+    monkeypatch.setattr(formats, "_stdin_data", None)
+
+
 class _Stream:
     def __init__(self, data: bytes = b"", tty: bool = False) -> None:
         self.buffer = io.BytesIO(data)

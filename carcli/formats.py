@@ -1,0 +1,149 @@
+"""File names, formats and PNG notes: the part of image I/O that needs no decoder.
+
+Kept free of torch, OpenCV and numpy so that the command line can check its
+arguments, list its inputs and plan its outputs (and refuse a bad command) in
+a fraction of a second, before it loads any model. :mod:`carcli.imageio`
+re-exports everything here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+)
+HEIF_EXTRA_HINT = "reading HEIC/HEIF needs the optional extra: pip install 'carcli[heif]'"
+
+# ``-`` as INPUT or OUTPUT: standard input or output, as image tools allow.
+STDIO = "-"
+
+# PNG text chunks that ``car downscale`` writes so ``car upscale`` can restore the exact size.
+SOURCE_SIZE_KEY = "carcli:source-size"  # "WxH" of the image that was downscaled
+SCALE_KEY = "carcli:scale"  # the factor it was downscaled by
+
+# Output formats: name -> (file suffix, lossless, can hold 16 bits per sample).
+FORMATS: dict[str, tuple[str, bool, bool]] = {
+    "png": (".png", True, True),
+    "webp": (".webp", True, False),
+    "jpg": (".jpg", False, False),
+}
+_SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageReadError(Exception):
+    """A file that cannot be decoded; the message is one line for the user."""
+
+
+class ImageWriteError(Exception):
+    """An image that cannot be encoded or written; the message is one line for the user."""
+
+
+def is_stdio(path: Path | str | None) -> bool:
+    """Whether a command-line path is ``-`` (standard input or output)."""
+    return path is not None and str(path) == STDIO
+
+
+def format_for_suffix(suffix: str) -> str:
+    """Output format name for a file suffix (``.png`` -> ``png``)."""
+    try:
+        return _SUFFIX_FORMATS[suffix.lower()]
+    except KeyError:
+        names = ", ".join(sorted(_SUFFIX_FORMATS))
+        raise ImageWriteError(
+            f"cannot write {suffix or 'files without a suffix'}; use one of {names}"
+        ) from None
+
+
+def output_name(rel: Path, extension: str, suffix: str = "") -> Path:
+    """``rel`` renamed for an output: ``photo.jpg`` -> ``photo{suffix}.png``.
+
+    ``{ext}`` in ``suffix`` stands for the input's extension, so ``x.png`` and
+    ``x.jpg`` in one folder can get distinct outputs (``--suffix _{ext}``).
+    """
+    tail = suffix.replace("{ext}", rel.suffix.lstrip(".").lower())
+    return rel.with_name(rel.stem + tail + extension)
+
+
+def read_png_text(path: Path | str, limit: int = 1 << 20) -> dict[str, str]:
+    """The tEXt/zTXt chunks before a PNG's image data, without decoding it ({} if not a PNG).
+
+    ``car upscale`` reads carcli's note (source size, scale) this way for every
+    input before loading a model, so it can pick the scale and the network.
+    """
+    text: dict[str, str] = {}
+    try:
+        opened = io.BytesIO(read_stdin()) if is_stdio(path) else open(path, "rb")  # noqa: SIM115
+        with opened as handle:
+            if handle.read(8) != _PNG_SIGNATURE:
+                return text
+            read = 8
+            while read < limit:
+                header = handle.read(8)
+                if len(header) < 8:
+                    break
+                length, kind = struct.unpack(">I4s", header)
+                if kind in (b"IDAT", b"IEND") or length > limit:
+                    break
+                payload = handle.read(length)
+                handle.read(4)  # CRC (the decoder checks it later)
+                read += 12 + length
+                if kind == b"tEXt" and b"\0" in payload:
+                    key, value = payload.split(b"\0", 1)
+                    text[key.decode("latin-1")] = value.decode("latin-1")
+                elif kind == b"zTXt" and b"\0" in payload:
+                    key, rest = payload.split(b"\0", 1)
+                    try:
+                        text[key.decode("latin-1")] = zlib.decompress(rest[1:]).decode("latin-1")
+                    except zlib.error:
+                        continue
+    except (OSError, ImageReadError):
+        return {}
+    return text
+
+
+_stdin_data: bytes | None = None
+
+
+def read_stdin() -> bytes:
+    """All of standard input as bytes, read once (later calls get the same bytes).
+
+    Refuses a terminal: nobody types an image.
+    """
+    global _stdin_data
+    if _stdin_data is None:
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None or stream.isatty():
+            raise ImageReadError("no image on standard input (pipe one in, or name a file)")
+        _stdin_data = stream.read()
+    return _stdin_data
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def is_image_path(path: Path) -> bool:
+    """Whether the name looks like an image we read (decoding decides whether it is one)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def find_images(root: Path, recursive: bool = False) -> list[Path]:
+    """Image files under ``root`` in a stable order; hidden files and folders are skipped."""
+    root = Path(root)
+    return sorted(_walk(root, recursive), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _walk(root: Path, recursive: bool) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        for name in filenames:
+            path = Path(dirpath) / name
+            if is_image_path(path) and path.is_file():
+                yield path
