@@ -52,7 +52,7 @@ from carcli.paths import collect_inputs
 from carcli.runpolicy import resolve_device, set_cpu_threads
 from carcli.tasks import DownscaleTask, RoundtripTask, UpscaleTask
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "carcli" / "samples"
 
 
 def peak_rss_bytes() -> int:

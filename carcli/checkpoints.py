@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from carcli.bundled import weights_path
 from carcli.models.car import CARModel
 from carcli.models.config import CARConfig, preset
 
@@ -108,12 +109,11 @@ def weights_files(weights: Path | None, scale: int, meta: dict[str, Any]) -> lis
 
 
 def weights_dir() -> Path:
-    """Where shipped weights live: ``$CARCLI_WEIGHTS``, else the repository's ``weights/``."""
+    """Where shipped weights live: ``$CARCLI_WEIGHTS``, else the package's ``carcli/weights/``."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    # This file sits in carcli/, so this equals Path(carcli.__file__).parent.parent.
-    return Path(__file__).resolve().parent.parent / "weights"
+    return weights_path()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -501,12 +501,17 @@ def installed_weights() -> list[dict]:
     found = []
     for path in sorted(folder.glob("car_x*.safetensors")):
         entry: dict[str, Any] = {"path": path, "size": path.stat().st_size}
+        try:  # the digest identifies the exact file in reports and bug reports
+            entry["sha256"] = file_digest(path)
+        except OSError as exc:
+            entry["sha256"] = None
+            entry["error"] = f"cannot read {path}: {exc.strerror or exc}"
         match = re.fullmatch(r"car_x(\d+)\.safetensors", path.name)
         scale = int(match.group(1)) if match else None
         try:
             meta = read_metadata(path)
         except WeightsError as exc:
-            entry.update(scale=scale, metadata={}, error=str(exc))
+            entry.update(scale=scale, metadata={}, error=entry.get("error") or str(exc))
         else:
             entry.update(scale=meta.get("scale", scale), metadata=meta)
         found.append(entry)

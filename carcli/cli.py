@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import typer.core
+import typer.main
 
 from carcli import __version__
+from carcli.bundled import samples_path
 from carcli.console import stderr_console
 from carcli.defaults import REFINE_MAX_CHANGE
 from carcli.train import commands as train_commands
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
     from carcli.engine import Processor
     from carcli.report import ModelInfo
 
-SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
+SAMPLES_DIR = samples_path()
 LOSSY_REFUSED = (
     "refusing to write the downscaled images with lossy {fmt}: CAR hides detail in the exact "
     "8-bit values that the SR network reads back, and lossy compression destroys it (worse "
@@ -800,6 +803,38 @@ app.command("export")(train_commands.export)
 app.command("average")(train_commands.average)
 
 
+def readable_help(command: Any) -> Any:
+    """Give ``command`` (and its subcommands) the same help on every typer the range allows.
+
+    Typer 0.27+ writes arguments in the usage line by their lower-case names in braces
+    (``{input} {output}``) and 0.29 adds ``<bool>`` after on/off flags; with an explicit
+    upper-case metavar for arguments and an empty one for flags, every version shows
+    ``INPUT OUTPUT`` (0.27+: ``{INPUT} {OUTPUT}``) and bare flags, as the README does.
+    """
+    for sub in getattr(command, "commands", {}).values():
+        readable_help(sub)
+    for param in getattr(command, "params", ()):
+        _readable_metavar(param)
+    original = getattr(command, "get_help_option", None)
+    if original is not None:  # --help is made per invocation, not kept in params
+
+        def get_help_option(ctx: Any) -> Any:
+            return _readable_metavar(original(ctx))
+
+        command.get_help_option = get_help_option
+    return command
+
+
+def _readable_metavar(param: Any) -> Any:
+    if param is None or param.metavar is not None:
+        return param
+    if isinstance(param, typer.core.TyperArgument) and param.name:
+        param.metavar = param.name.upper()
+    elif getattr(param, "is_flag", False):
+        param.metavar = ""
+    return param
+
+
 def main() -> None:
     """Console-script entry point (``car``)."""
-    app()
+    readable_help(typer.main.get_command(app))()

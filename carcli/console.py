@@ -195,12 +195,14 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
 
     weights = Table(title="installed weights", header_style="bold")
     broken = any(w.get("error") for w in info["weights"])
-    for column in ("scale", "file", "config", "parameters", "validation") + ("problem",) * broken:
+    columns = ("scale", "file", "sha256", "config", "parameters", "validation")
+    for column in columns + ("problem",) * broken:
         weights.add_column(column, overflow="fold")
     for w in info["weights"]:
         row = [
             f"{w['scale']}x" if w.get("scale") else "?",
             Path(w["file"]).name,
+            w.get("sha256") or "-",
             w.get("config") or "-",
             w.get("parameters") or "-",
             w.get("validation") or "-",
@@ -208,7 +210,8 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
         weights.add_row(*row, *([w.get("error") or ""] if broken else []))
     if not info["weights"]:
         weights.caption = (
-            "none installed: commands need --weights FILE_OR_FOLDER until the trained "
-            "weights ship (the authors' kgn.pth/usn.pth folder works too)"
+            "none found in the weights dir: commands need --weights FILE_OR_FOLDER (a carcli "
+            "checkpoint, or the authors' kgn.pth/usn.pth folder), or unset CARCLI_WEIGHTS to "
+            "use the weights that ship with carcli"
         )
     return [env, weights]

@@ -88,6 +88,7 @@ def gather() -> dict[str, Any]:
                 "scale": entry.get("scale"),
                 "file": str(entry["path"]),
                 "bytes": entry.get("size"),
+                "sha256": entry.get("sha256"),
                 "config": config.get("name"),
                 "parameters": (
                     ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items()) if params else None

@@ -7,6 +7,7 @@ modules, so a drift in our layout fails these tests.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -348,12 +349,19 @@ def test_load_model_shipped_and_installed(tmp_path: Path, monkeypatch: pytest.Mo
     assert listed[4]["size"] == (tmp_path / shipped_name(4)).stat().st_size
     assert listed[4]["metadata"]["steps"] == 10
     assert "error" not in listed[4]
+    saved = (tmp_path / shipped_name(4)).read_bytes()
+    assert listed[4]["sha256"] == hashlib.sha256(saved).hexdigest()
     assert "not a safetensors file" in listed[2]["error"]
+    assert listed[2]["sha256"] == hashlib.sha256(b"not weights").hexdigest()
 
 
 def test_default_weights_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CARCLI_WEIGHTS", raising=False)
-    assert weights_dir() == Path(ck.__file__).resolve().parent.parent / "weights"
+    # Package data: found inside the installed package (a wheel or this checkout).
+    assert weights_dir() == Path(ck.__file__).resolve().parent / "weights"
+    assert (weights_dir() / "car_x4.safetensors").is_file()
+    monkeypatch.setenv("CARCLI_WEIGHTS", "~/elsewhere")
+    assert weights_dir() == Path.home() / "elsewhere"
 
 
 def test_load_model_files_and_folders(tmp_path: Path) -> None:

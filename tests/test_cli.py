@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -239,7 +240,7 @@ def test_roundtrip_table_json_and_compare(tmp_path: Path, tiny_weights) -> None:
 def test_roundtrip_defaults_to_bundled_samples(
     tiny_weights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    samples = Path(__file__).resolve().parents[1] / "samples"
+    samples = Path(__file__).resolve().parents[1] / "carcli" / "samples"
     assert samples == cli.SAMPLES_DIR
     assert len(list(samples.glob("*.png"))) >= 3, "the bundled samples are missing"
     # Run the no-INPUT path on a small stand-in (the real samples take long on 2 cores).
@@ -266,6 +267,17 @@ def test_info(tiny_weights, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert {w["scale"] for w in data["weights"]} == {2, 4}
     assert data["devices"][0]["backend"]
     assert data["weights"][0]["parameter_counts"]["sr"] > 0
+    for entry in data["weights"]:  # each checkpoint is identified by its SHA-256, also on screen
+        digest = hashlib.sha256(Path(entry["file"]).read_bytes()).hexdigest()
+        assert entry["sha256"] == digest
+        assert digest[:8] in result.stdout  # the table folds the rest on narrow terminals
+
+
+def test_info_without_weights(no_installed_weights: Path) -> None:
+    result = car("info")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "until the trained" not in text and "--weights" in text
 
 
 def test_help_and_version() -> None:
@@ -278,6 +290,31 @@ def test_help_and_version() -> None:
         [sys.executable, "-m", "carcli", "--version"], capture_output=True, text=True, check=True
     )
     assert result.stdout.startswith("carcli ")
+
+
+def test_help_reads_the_same_on_every_typer() -> None:
+    """`car downscale --help` through the real entry point names INPUT and OUTPUT and shows
+    on/off flags bare, also on typer 0.27+ (which would print `{input} {output}`, and 0.29
+    `<bool>` after each flag)."""
+    import typer
+
+    env = {**os.environ, "COLUMNS": "100", "NO_COLOR": "1", "TERM": "dumb"}
+    result = subprocess.run(
+        [sys.executable, "-m", "carcli", "downscale", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    usage = next(line for line in result.stdout.splitlines() if "Usage:" in line)
+    assert usage.split("[OPTIONS]")[1].split() in (["INPUT", "OUTPUT"], ["{INPUT}", "{OUTPUT}"]), (
+        typer.__version__,
+        usage,
+    )
+    assert "{input}" not in result.stdout and "<bool>" not in result.stdout, typer.__version__
+    recursive = next(line for line in result.stdout.splitlines() if "--recursive" in line)
+    assert recursive.split()[1:4] == ["--recursive", "-r", "Descend"], recursive  # bare flag
+    assert "FILE" in next(line for line in result.stdout.splitlines() if "--json" in line)
 
 
 def test_help_and_usage_errors_do_not_import_torch() -> None:

@@ -14,7 +14,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from carcli import metrics
 from carcli.metrics import psnr_y, psnr_y_batch, rgb_to_y, ssim_y, ssim_y_batch
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "carcli" / "samples"
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -25,7 +25,7 @@ from carcli.engine import Processor
 from carcli.models import CARModel, op_halo, preset, quantize
 from carcli.tiler import TiledModel, spans
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "carcli" / "samples"
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +188,7 @@ def test_bf16_upscale_is_within_a_level_of_fp32_with_shipped_weights() -> None:
     Measured on 160-px crops of the samples at 2x: 95-98 % of 8-bit values equal to
     fp32's, RMS 0.04-0.07 levels; ``EDSR.forward`` under autocast: 75-84 %, 0.2-0.45.
     """
-    weights = Path(__file__).resolve().parents[1] / "weights" / "car_x2.safetensors"
+    weights = Path(__file__).resolve().parents[1] / "carcli" / "weights" / "car_x2.safetensors"
     if not weights.is_file():
         pytest.skip(f"no shipped 2x weights at {weights}")
     from carcli.checkpoints import load_checkpoint
