@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,26 @@ def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str
     module.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
 
 
+def check_finite(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or infinity: they turn every image black or into noise."""
+    bad = [
+        k
+        for k, v in state.items()
+        if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise WeightsError(
+            f"{what} holds NaN or infinite values in {_names(bad, 'tensor key')}; "
+            "the weights are damaged (a diverged training run?)"
+        )
+
+
+def _skeleton(config: CARConfig) -> CARModel:
+    """The network a config describes, on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        return CARModel(config)
+
+
 def _json_default(value: Any) -> Any:
     """Encode the usual non-JSON values a training script puts in metadata."""
     if isinstance(value, Path):
@@ -309,6 +330,12 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[CAR
         raise WeightsError(
             f"{path} has keys outside resampler./sr.: {_names(stray, 'unexpected key')}"
         )
+    # Shapes first, on a skeleton: a config claiming a huge network with small tensors
+    # is refused here, before the real network allocates anything.
+    skeleton = _skeleton(config)
+    _check_state(skeleton.resampler, states["resampler"], f"{path} (resampler)")
+    _check_state(skeleton.sr, states["sr"], f"{path} (SR network)")
+    check_finite(tensors, str(path))
     model = CARModel(config)
     _load_strict(model.resampler, states["resampler"], f"{path} (resampler)")
     _load_strict(model.sr, states["sr"], f"{path} (SR network)")
@@ -319,31 +346,58 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[CAR
 
 
 def _unpickling_message(path: Path, exc: Exception) -> str:
-    """One line out of torch's multi-paragraph weights_only error (which advises unsafe loading)."""
+    """One line out of torch's multi-paragraph weights_only error.
+
+    torch's text advises loading the file again with ``weights_only=False``,
+    which would run whatever code the file holds; none of it is repeated.
+    """
     text = str(exc)
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    match = re.search(r"GLOBAL ([\w.]+)", text)
     if match:
         return (
-            f"{path} holds a pickled {match.group(1)} object, not a plain state_dict; refused "
-            f"(carcli loads tensors only and never runs code from a weights file)"
+            f"{path} holds a pickled {match.group(1)} object, not plain tensors; refused "
+            f"(carcli loads tensors only and never runs code from a file)"
         )
-    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    reason = detail.group(1).strip() if detail else _first_line(exc)
-    return f"cannot read {path} as a PyTorch state_dict ({reason})"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    reason = f": {detail.group(1).strip()}" if detail else ""
+    return (
+        f"{path} is not a plain PyTorch tensor file (its pickle uses something other than "
+        f"tensors{reason}); refused"
+    )
+
+
+def load_torch_file(path: Path, what: str = "PyTorch file") -> Any:
+    """``torch.load`` with ``weights_only=True``: plain containers and tensors, never code.
+
+    Every failure is a :class:`WeightsError` with one line naming ``path``;
+    torch's warnings (pickle protocol) are silenced and its advice to load
+    unsafely is never shown.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path} does not exist")
+    if not path.is_file():
+        raise WeightsError(f"{path} is not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(_unpickling_message(path, exc)) from None
+    except EOFError:
+        raise WeightsError(f"cannot read {path}: the file is empty or truncated") from None
+    except MemoryError:
+        raise WeightsError(f"cannot read {path}: not enough memory") from None
+    except Exception as exc:
+        reason = _first_line(exc)
+        if "weights_only" in reason:  # torch's advice to load unsafely: never repeated
+            reason = "not a plain tensor file"
+        raise WeightsError(f"cannot read {path} as a {what} ({reason})") from None
 
 
 def _torch_load_state(path: Path) -> dict[str, torch.Tensor]:
     """A plain tensor state_dict from a ``.pth`` file, ``module.`` prefixes stripped."""
-    if not path.is_file():
-        raise WeightsError(f"{path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(_unpickling_message(path, exc)) from exc
-    except EOFError as exc:
-        raise WeightsError(f"cannot read {path}: the file is empty or truncated") from exc
-    except Exception as exc:
-        raise WeightsError(f"cannot read {path} as a PyTorch file ({_first_line(exc)})") from exc
+    obj = load_torch_file(path)
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state_dict")
     state: dict[str, torch.Tensor] = {}
@@ -421,6 +475,11 @@ def load_official(
     if sr_found is not None and sr_found != found:
         raise WeightsError(f"{kgn_path} is for {found}x but {usn_path} is for {sr_found}x")
 
+    skeleton = _skeleton(preset("paper", found))
+    _check_state(skeleton.resampler, kgn, f"{kgn_path} (resampler)")
+    _check_state(skeleton.sr, usn, f"{usn_path} (SR network)")
+    check_finite(kgn, str(kgn_path))
+    check_finite(usn, str(usn_path))
     model = CARModel(preset("paper", found))
     _load_strict(model.resampler, kgn, f"{kgn_path} (resampler)")
     _load_strict(model.sr, usn, f"{usn_path} (SR network)")
@@ -450,7 +509,14 @@ def load_model(
     if scale not in SCALES:
         raise WeightsError(f"scale must be 2 or 4, got {scale}")
     if weights is None:
-        path = weights_dir() / shipped_name(scale)
+        folder = weights_dir()
+        if os.environ.get(ENV_VAR) and folder.exists() and not folder.is_dir():
+            raise WeightsError(
+                f"{ENV_VAR}={folder} is a file, but it must name a folder holding "
+                f"{shipped_name(2)} and/or {shipped_name(4)}; to use one checkpoint file, "
+                f"pass --weights {folder}"
+            )
+        path = folder / shipped_name(scale)
         if not path.is_file():
             raise NoWeightsInstalled(
                 f"no carcli weights are installed for {scale}x (looked for {path}); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -53,21 +54,79 @@ class CARConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> CARConfig:
+        """The config a dict describes; ValueError naming the first bad field.
+
+        The dict comes from a file (checkpoint metadata, a training state), so
+        every value is checked for type and range before anything is built from
+        it: a negative width or a string would otherwise fail deep inside torch,
+        and an absurd width would allocate until the machine runs out of memory.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"the config is a {type(data).__name__}, not a mapping")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        if "scale" not in data:
+            raise ValueError("the config has no scale")
+        name = data.get("name", "custom")
+        if not isinstance(name, str):
+            raise ValueError(f"name must be a string, got {name!r}")
+        sr = _sub_config(SRConfig, data.get("sr", {}))
         from carcli.models.sr import sr_architectures  # registered when carcli.models loads
 
-        arch = data.get("sr", {}).get("arch", "edsr")
+        arch = sr.get("arch", "edsr")
         if arch not in sr_architectures():
             raise ValueError(f"unknown SR architecture {arch!r}; known: {sr_architectures()}")
         return cls(
-            scale=int(data["scale"]),
-            resampler=ResamplerConfig(**data.get("resampler", {})),
-            sr=SRConfig(**data.get("sr", {})),
-            name=data.get("name", "custom"),
+            scale=_int_field("scale", data["scale"], 2, 4),
+            resampler=ResamplerConfig(**_sub_config(ResamplerConfig, data.get("resampler", {}))),
+            sr=SRConfig(**sr),
+            name=name,
         )
+
+
+# Ranges from_dict accepts: far beyond any sensible network (the paper's widest
+# layer has 256 channels and EDSR 32 blocks), yet small enough that building the
+# modules is quick and a mismatch with the tensors is caught before allocation.
+MAX_WIDTH = 4096
+MAX_BLOCKS = 1024
+_MINIMUM = {"blocks": 0, "trunk_convs": 0}  # widths need at least 1
+
+
+def _int_field(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _sub_config(kind: type, data: object) -> dict:
+    """The keyword arguments of a ResamplerConfig/SRConfig, checked for type and range."""
+    label = "resampler" if kind is ResamplerConfig else "sr"
+    if not isinstance(data, dict):
+        raise ValueError(f"{label} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(kind)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {label} config fields: {sorted(unknown)}")
+    out: dict = {}
+    for key, value in data.items():
+        if key == "arch":
+            if not isinstance(value, str):
+                raise ValueError(f"{label}.arch must be a name, got {value!r}")
+            out[key] = value
+        elif key == "res_scale":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{label}.res_scale must be a number, got {value!r}")
+            if not (math.isfinite(value) and 0 < value <= 10):
+                raise ValueError(f"{label}.res_scale must be in (0, 10], got {value}")
+            out[key] = float(value)
+        else:
+            high = MAX_BLOCKS if key in ("blocks", "trunk_convs") else MAX_WIDTH
+            out[key] = _int_field(f"{label}.{key}", value, _MINIMUM.get(key, 1), high)
+    return out
 
 
 # What carcli ships: a light resampler and an EDSR-baseline-sized SR network.
