@@ -53,6 +53,10 @@ class WeightsError(Exception):
     """Weights that cannot be used; the message is one line meant for the user."""
 
 
+class WeightsWriteError(WeightsError):
+    """A checkpoint that could not be written (disk full, read-only folder): not a usage error."""
+
+
 class NoWeightsInstalled(WeightsError):
     """No shipped weights for the requested scale (the user must pass --weights)."""
 
@@ -243,16 +247,28 @@ def save_checkpoint(model: CARModel, path: Path, metadata: dict | None = None) -
         for key, tensor in net.state_dict().items():
             tensors[f"{prefix}.{key}"] = tensor.detach().to("cpu", torch.float32).contiguous()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        from carcli.imageio import blocked_parent
+
+        blocker = blocked_parent(path)
+        reason = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
+        raise WeightsWriteError(f"cannot write {path}: {reason}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         save_file(tensors, str(tmp), metadata=header)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is not
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # the cleanup must not hide the reason
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WeightsWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if isinstance(exc, Exception) and "No space left" in str(exc):  # safetensors' own error
+            raise WeightsWriteError(f"cannot write {path}: No space left on device") from None
         raise
 
 

@@ -540,6 +540,14 @@ def write_stdout(data: bytes) -> None:
         raise ImageWriteError(f"cannot write to standard output: {exc.strerror or exc}") from None
 
 
+def blocked_parent(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` that is not a folder (so nothing fits below)."""
+    for parent in Path(path).parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def is_temp_file(path: Path) -> bool:
     """Whether ``path`` is one of our in-progress temp files."""
     return _TEMP_MARKER in path.name

@@ -91,12 +91,12 @@ def test_car_average_command(tmp_path: Path):
     assert meta["validation"]["val"]["psnr"] == summary["validation"]["val"]["psnr"] > 10
     assert meta["source"] == "carcli average of 2 checkpoints"
 
-    # An existing output is kept unless --overwrite; errors are one line and exit 1.
+    # An existing output is kept unless --overwrite; usage errors are one line and exit 2.
     before = out.read_bytes()
     result = invoke(app, args)
-    assert result.exit_code == 1 and "exists" in result.stderr and out.read_bytes() == before
+    assert result.exit_code == 2 and "exists" in result.stderr and out.read_bytes() == before
     missing = tmp_path / "nope.safetensors"
     result = invoke(app, ["average", str(paths[0]), str(missing), "-o", str(tmp_path / "x.st")])
-    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "nope.safetensors does not exist" in result.stderr
     assert not (tmp_path / "x.st").exists()

@@ -242,7 +242,7 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         raise OSError("disk full")
 
     monkeypatch.setattr(ck, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WeightsError, match="cannot write .*: disk full"):
         save_checkpoint(tiny(2), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
@@ -520,13 +520,13 @@ def test_official_layout_mismatch(official_root: Path, tmp_path: Path, which: st
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        (NotAStateDict(), "pickled .*NotAStateDict object, not a plain state_dict; refused"),
+        (NotAStateDict(), "pickled .*NotAStateDict object, not plain tensors; refused"),
         ([torch.zeros(2)], "holds a list, not a state_dict"),
         (
             {"epoch": 3, "module.ds_1.1.bias": torch.zeros(64)},
             "entry 'epoch' holds int, not a tensor",
         ),
-        (b"\x00garbage", "cannot read .* as a PyTorch state_dict"),
+        (b"\x00garbage", "is not a plain PyTorch tensor file .*; refused"),
         (b"", "empty or truncated"),
         (b"PK\x03\x04junk", "cannot read .* as a PyTorch file"),
     ],

@@ -371,7 +371,7 @@ def test_car_train_and_export_commands(train_dir: Path, tmp_path: Path):
     # An existing output is kept unless --overwrite says otherwise.
     before = out.read_bytes()
     result = invoke(app, ["export", str(run), str(out), "--no-timing"])
-    assert result.exit_code == 1 and "use --overwrite" in result.stderr
+    assert result.exit_code == 2 and "use --overwrite" in result.stderr  # a usage error
     assert out.read_bytes() == before
     result = invoke(app, ["export", str(run), str(out), "--no-timing", "--overwrite"])
     assert result.exit_code == 0, result.output

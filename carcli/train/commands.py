@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -55,11 +58,61 @@ def make_evaluator(folders: list[Path], device: torch.device):  # noqa: ANN201
     return evaluate
 
 
+@contextlib.contextmanager
+def _setup_errors() -> Iterator[None]:
+    """Mistakes in what the user passed (paths, weights, device, a state file): one line, exit 2."""
+    from carcli.checkpoints import WeightsError
+    from carcli.errors import UsageError
+
+    try:
+        yield
+    except (UsageError, WeightsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_folders(run: Path, cfg: object) -> None:
+    """Every path a run needs, checked before minutes of decoding and training.
+
+    A missing --val folder used to surface only at the first validation, after
+    all the training, and took the unsaved state down with it.
+    """
+    from carcli.errors import UsageError
+    from carcli.imageio import find_images
+
+    if run.exists() and not run.is_dir():
+        raise UsageError(f"--run {run}: exists and is not a folder")
+    for option, folders in (("--data", cfg.data), ("--val", cfg.val)):  # type: ignore[attr-defined]
+        for name in folders:
+            folder = Path(name)
+            if option == "--data" and folder.is_file():
+                continue
+            if not folder.is_dir():
+                raise UsageError(f"{option} {folder}: no such folder")
+            if not find_images(folder, recursive=option == "--data"):
+                raise UsageError(f"{option} {folder}: no images in it")
+
+
 def _keep_existing_unless(overwrite: bool, output: Path) -> None:
-    """Exit before any work when ``output`` exists and ``--overwrite`` was not given."""
+    """Refuse (usage error) before any work when ``output`` exists and ``--overwrite`` is absent."""
+    from carcli.errors import UsageError
+
     if output.exists() and not overwrite:
-        typer.echo(f"error: {output}: exists (use --overwrite to replace it)", err=True)
-        raise typer.Exit(1)
+        raise UsageError(f"{output}: exists (use --overwrite to replace it)")
+    if output.is_dir() or output.name in ("", ".", ".."):
+        raise UsageError(f"{output}: is a folder; name the output .safetensors file")
+
+
+@contextlib.contextmanager
+def _write_errors() -> Iterator[None]:
+    """A checkpoint that cannot be written (full disk, read-only folder): one line, exit 1."""
+    from carcli.checkpoints import WeightsWriteError
+
+    try:
+        yield
+    except WeightsWriteError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def train(
@@ -152,9 +205,8 @@ def train(
     ] = False,
 ) -> None:
     """Train a CAR pair (resampler + EDSR) jointly; resumable, validated, exportable."""
-    import torch
-
     from carcli.checkpoints import file_digest
+    from carcli.errors import UsageError
     from carcli.models import PRESETS
     from carcli.runpolicy import resolve_device
     from carcli.train.progress import make_display
@@ -163,62 +215,70 @@ def train(
         ConfigError,
         TrainConfig,
         Trainer,
+        ValidationError,
+        read_state,
         training_precision,
     )
 
     if config not in PRESETS:
         raise typer.BadParameter(f"--config must be one of {', '.join(PRESETS)}")
-    budget = parse_duration(time_budget) if time_budget else None
-    dev = resolve_device(device)
-    state = run / STATE_NAME
-    if resume:
-        if not state.exists():
-            typer.echo(f"error: {state}: nothing to resume", err=True)
-            raise typer.Exit(2)
-        saved = torch.load(state, map_location="cpu", weights_only=True)["config"]
-        cfg = TrainConfig(**saved)
-        # Only the stopping rule and a few run-time settings may change on resume.
-        cfg.steps = steps if steps is not None else cfg.steps
-        cfg.time_budget = budget if budget is not None else cfg.time_budget
-        cfg.threads = threads if threads is not None else cfg.threads
-        cfg.val_every, cfg.log_every = val_every, log_every
-        cfg.checkpoint_minutes = checkpoint_minutes
-    else:
+    with _setup_errors():
+        budget = parse_duration(time_budget) if time_budget else None
+        dev = resolve_device(device)
+        state = run / STATE_NAME
+        if resume:
+            if not state.exists():
+                typer.echo(f"error: {state}: nothing to resume", err=True)
+                raise typer.Exit(2)
+            cfg = read_state(state)["train_config"]
+            # Only the stopping rule and a few run-time settings may change on resume.
+            cfg.steps = steps if steps is not None else cfg.steps
+            cfg.time_budget = budget if budget is not None else cfg.time_budget
+            cfg.threads = threads if threads is not None else cfg.threads
+            cfg.val_every, cfg.log_every = val_every, log_every
+            cfg.checkpoint_minutes = checkpoint_minutes
+        else:
+            try:
+                precision = training_precision(precision, dev)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--precision") from None
+            if channels_last is None:
+                channels_last = precision == "bf16"
+            if state.exists():
+                raise UsageError(f"{state} exists: pass --resume, or choose another --run")
+            cfg = TrainConfig(
+                scale=scale, data=[str(d) for d in data], val=[str(v) for v in val], config=config,
+                steps=steps, time_budget=budget, batch=batch, patch=patch, lr=lr, min_lr=min_lr,
+                warmup=warmup, offset_weight=offset_weight, tv_weight=tv_weight, loss=loss,
+                luma_weight=luma_weight, quant_grad=quant_grad, soft_alpha=soft_alpha, ema=ema,
+                bicubic_init=bicubic_init, reset_heads=reset_heads, sr_pretrain=sr_pretrain,
+                init=str(init.resolve()) if init else None,
+                init_sha256=file_digest(init) if init and init.is_file() else None,
+                precision=precision, channels_last=channels_last,
+                threads=threads, val_every=val_every, log_every=log_every,
+                checkpoint_minutes=checkpoint_minutes, seed=seed,
+            )  # fmt: skip
         try:
-            precision = training_precision(precision, dev)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--precision") from None
-        if channels_last is None:
-            channels_last = precision == "bf16"
-        if state.exists():
-            typer.echo(f"error: {state} exists: pass --resume, or choose another --run", err=True)
-            raise typer.Exit(2)
-        cfg = TrainConfig(
-            scale=scale, data=[str(d) for d in data], val=[str(v) for v in val], config=config,
-            steps=steps, time_budget=budget, batch=batch, patch=patch, lr=lr, min_lr=min_lr,
-            warmup=warmup, offset_weight=offset_weight, tv_weight=tv_weight, loss=loss,
-            luma_weight=luma_weight, quant_grad=quant_grad, soft_alpha=soft_alpha, ema=ema,
-            bicubic_init=bicubic_init, reset_heads=reset_heads, sr_pretrain=sr_pretrain,
-            init=str(init.resolve()) if init else None,
-            init_sha256=file_digest(init) if init and init.is_file() else None,
-            precision=precision, channels_last=channels_last,
-            threads=threads, val_every=val_every, log_every=log_every,
-            checkpoint_minutes=checkpoint_minutes, seed=seed,
-        )  # fmt: skip
-    try:
-        cfg.check()  # before the minutes of decoding the training images
-    except ConfigError as exc:
-        raise typer.BadParameter(exc.reason, param_hint=exc.option) from None
-    if cfg.steps is None and cfg.time_budget is None:
-        raise typer.BadParameter("give --steps or --time-budget")
-    evaluator = make_evaluator([Path(v) for v in cfg.val], dev) if cfg.val else None
-    trainer = Trainer(cfg, run, dev, evaluate=evaluator, quiet=quiet, display=make_display(quiet))
-    if resume:
-        trainer.load_state()
+            cfg.check()  # before the minutes of decoding the training images
+        except ConfigError as exc:
+            raise typer.BadParameter(exc.reason, param_hint=exc.option) from None
+        if cfg.steps is None and cfg.time_budget is None:
+            raise typer.BadParameter("give --steps or --time-budget")
+        _check_folders(run, cfg)
+        evaluator = make_evaluator([Path(v) for v in cfg.val], dev) if cfg.val else None
+        display = make_display(quiet)
+        trainer = Trainer(cfg, run, dev, evaluate=evaluator, quiet=quiet, display=display)
+        if resume:
+            trainer.load_state()
     # Ctrl-C or `kill` (SIGTERM): finish the current step, save the state, stop.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: trainer.request_stop())
-    trainer.run()
+    try:
+        trainer.run()
+    except ValidationError as exc:
+        saved = f"; state saved at step {trainer.step} (--resume continues)" if trainer.step else ""
+        typer.echo(f"error: {exc}{saved}", err=True)
+        raise typer.Exit(1) from None
     if trainer.stop_requested:
         print(f"interrupted: state saved at step {trainer.step}", file=sys.stderr)
         raise typer.Exit(130)
@@ -244,30 +304,31 @@ def export(
     """Write an inference checkpoint (safetensors + metadata) from a training run."""
     import torch
 
-    from carcli.checkpoints import WeightsError
+    from carcli.errors import UsageError
     from carcli.train.export import export_run
-    from carcli.train.trainer import BEST_NAME, STATE_NAME
+    from carcli.train.trainer import BEST_NAME, STATE_NAME, read_state
 
     if which not in ("best", "last"):
         raise typer.BadParameter("--which must be best or last")
-    _keep_existing_unless(overwrite, output)
-    source = run / (BEST_NAME if which == "best" else STATE_NAME)
-    if not source.exists():
-        hint = " (no validation has run yet: try --which last)" if which == "best" else ""
-        typer.echo(f"error: {source}: not found{hint}", err=True)
-        raise typer.Exit(1)
+    with _setup_errors():
+        _keep_existing_unless(overwrite, output)
+        if not run.is_dir():
+            raise UsageError(f"{run}: not a run folder (no such folder)")
+        source = run / (BEST_NAME if which == "best" else STATE_NAME)
+        if not source.exists():
+            hint = " (no validation has run yet: try --which last)" if which == "best" else ""
+            raise UsageError(f"{source}: not found{hint}")
+        if which == "last":
+            read_state(source)  # a damaged or foreign state.pt: one line, before any work
 
     def validate_latest(model) -> dict | None:  # noqa: ANN001
         """Called only when the latest weights were never validated: the run's --val folders."""
-        saved = torch.load(source, map_location="cpu", weights_only=True)["config"]
+        saved = read_state(source)["config"]
         folders = [Path(v) for v in saved.get("val", []) if Path(v).is_dir()]
         return make_evaluator(folders, torch.device("cpu"))(model) if folders else None
 
-    try:
+    with _setup_errors(), _write_errors():
         metadata = export_run(run, output, which, timing, validate_latest)
-    except WeightsError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     summary = {"written": str(output), "steps": metadata.get("steps")}
     summary.update({k: metadata[k] for k in ("validation", "cpu_timing") if k in metadata})
     typer.echo(json.dumps(summary))
@@ -290,7 +351,7 @@ def average(
         ),
     ] = True,
     overwrite: Annotated[
-        bool, typer.Option(help="Replace OUTPUT if it exists (it may be one of the inputs).")
+        bool, typer.Option(help="Replace OUTPUT if it exists (never one of the inputs).")
     ] = False,
 ) -> None:
     """Average the weights of several checkpoints (a model soup) into one checkpoint.
@@ -301,29 +362,37 @@ def average(
     """
     import torch
 
-    from carcli.checkpoints import WeightsError, save_checkpoint
+    from carcli.checkpoints import save_checkpoint
+    from carcli.errors import UsageError
     from carcli.train.average import average_checkpoints
     from carcli.train.export import cpu_timing
 
-    _keep_existing_unless(overwrite, output)
-    for folder in val or []:
-        if not folder.is_dir():
-            typer.echo(f"error: {folder}: not a folder", err=True)
-            raise typer.Exit(1)
-    try:
+    with _setup_errors():
+        seen: dict[str, Path] = {}
+        for path in inputs:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise UsageError(
+                    f"{path} is given twice ({seen[real]}); an average of a file with itself "
+                    "weights it double"
+                )
+            seen[real] = path
+        if os.path.realpath(output) in seen:
+            raise UsageError(
+                f"OUTPUT {output} is one of the inputs; choose another OUTPUT "
+                "(inputs are never overwritten)"
+            )
+        _keep_existing_unless(overwrite, output)
+        for folder in val or []:
+            if not folder.is_dir():
+                raise UsageError(f"--val {folder}: not a folder")
         model, metadata = average_checkpoints(inputs)
-    except WeightsError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     if val:
         metadata["validation"] = make_evaluator(list(val), torch.device("cpu"))(model)
     if timing:
         metadata["cpu_timing"] = cpu_timing(model)
-    try:
+    with _setup_errors(), _write_errors():
         save_checkpoint(model, output, metadata)
-    except WeightsError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     summary = {"written": str(output), "ingredients": len(inputs)}
     summary.update({k: metadata[k] for k in ("validation", "cpu_timing") if k in metadata})
     typer.echo(json.dumps(summary))

@@ -3,30 +3,46 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from carcli.imageio import find_images
+from carcli.errors import UsageError
+from carcli.imageio import IMAGE_SUFFIXES, ImageReadError, find_images
 
 
-def list_images(folders: list[Path]) -> list[Path]:
+def list_images(folders: list[Path], option: str = "--data") -> list[Path]:
+    """Every image file in ``folders`` (recursively); UsageError for a missing or empty one."""
     paths: list[Path] = []
+    kinds = " ".join(sorted(IMAGE_SUFFIXES))
     for folder in folders:
         if folder.is_file():
             paths.append(folder)
             continue
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no such folder")
-        paths += find_images(folder, recursive=True)
+            raise UsageError(f"{option} {folder}: no such folder")
+        found = find_images(folder, recursive=True)
+        if not found:
+            raise UsageError(f"{option} {folder}: no images in it (looked for {kinds})")
+        paths += found
     return paths
 
 
 def _load_rgb8(path: Path) -> torch.Tensor:
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    """The image as 3xHxW uint8; ImageReadError with a one-line reason if it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Image.DecompressionBombError:
+        raise ImageReadError("image too large to decode safely") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ImageReadError(reason) from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -42,15 +58,27 @@ class PatchSampler:
         self.patch = patch
         self.images: list[torch.Tensor] = []
         self.skipped: list[Path] = []
+        self.unreadable: list[Path] = []
         self.paths = list_images(folders)
         for path in self.paths:
-            img = _load_rgb8(path)
+            try:
+                img = _load_rgb8(path)
+            except ImageReadError as exc:  # one damaged file must not end the run
+                self.unreadable.append(path)
+                if not quiet:
+                    print(f"note: skipped {path}: cannot read it ({exc})", file=sys.stderr)
+                continue
             if min(img.shape[1:]) < patch:
                 self.skipped.append(path)
                 continue
             self.images.append(img)
         if not self.images:
-            raise ValueError(f"no training image is at least {patch}x{patch} in {folders}")
+            names = ", ".join(str(f) for f in folders)
+            unreadable = f" ({len(self.unreadable)} unreadable)" if self.unreadable else ""
+            raise UsageError(
+                f"no readable training image is at least {patch}x{patch} in {names}{unreadable}; "
+                "use larger images or a smaller --patch"
+            )
         if self.skipped and not quiet:
             print(
                 f"note: skipped {len(self.skipped)} image(s) smaller than the {patch}px patch",

@@ -10,13 +10,20 @@ import torch
 
 from carcli.checkpoints import (
     WeightsError,
+    check_finite,
     config_from_metadata,
     load_checkpoint,
     read_metadata,
     save_checkpoint,
 )
 from carcli.models import CARConfig, CARModel, preset
-from carcli.train.trainer import BEST_NAME, STATE_NAME, TrainConfig, run_metadata, validation_at
+from carcli.train.trainer import (
+    BEST_NAME,
+    STATE_NAME,
+    read_state,
+    run_metadata,
+    validation_at,
+)
 
 Evaluate = Callable[[CARModel], dict]  # model -> {set name: {"psnr", "ssim"}}
 
@@ -80,15 +87,25 @@ def inherited_timing(recipe: dict, model: CARModel) -> dict | None:
 
 
 def _from_state(run: Path, evaluate: Evaluate | None) -> tuple[CARModel, dict]:
-    state = torch.load(run / STATE_NAME, map_location="cpu", weights_only=True)
-    cfg = TrainConfig(**state["config"])
-    config = (
-        CARConfig.from_dict(state["model_config"])
-        if "model_config" in state
-        else preset(cfg.config, cfg.scale)
-    )
+    path = run / STATE_NAME
+    state = read_state(path)
+    cfg = state["train_config"]
+    try:
+        config = (
+            CARConfig.from_dict(state["model_config"])
+            if "model_config" in state
+            else preset(cfg.config, cfg.scale)
+        )
+    except ValueError as exc:
+        raise WeightsError(f"{path} records an invalid network ({exc})") from None
+    weights = state["ema"] if state.get("ema") is not None else state["model"]
+    check_finite(weights, str(path))
     model = CARModel(config)
-    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or ["mismatch"])[0]
+        raise WeightsError(f"{path}: its weights do not fit its network ({first})") from None
     model.eval()
     report = validation_at(state["history"], state["step"])
     if report is None:  # the latest weights were never validated: do it now, or record nothing

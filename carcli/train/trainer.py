@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from carcli.errors import UsageError
 from carcli.metrics import PEAK, rgb_to_y
 from carcli.models import CARModel, deepened, preset
 from carcli.models.precision import autocast
@@ -107,6 +108,10 @@ class TrainConfig:
         return asdict(self)
 
 
+class ValidationError(RuntimeError):
+    """Validation could not measure the model; the message is one line for the user."""
+
+
 class ConfigError(ValueError):
     """A training setting out of range; ``name`` is the TrainConfig field."""
 
@@ -117,6 +122,56 @@ class ConfigError(ValueError):
     @property
     def option(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+# What a state.pt must hold, and of which type, before any of it is used.
+_STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "config": dict,
+    "model": dict,
+    "optimizer": dict,
+    "step": int,
+    "elapsed": (int, float),
+    "best_psnr": (int, float),
+    "history": list,
+    "sampler": dict,
+    "rng": torch.Tensor,
+}
+
+
+def read_state(path: Path) -> dict:
+    """A training state file, checked before use; UsageError (one line) if it is not one.
+
+    The file is loaded with ``weights_only=True`` (no code from it ever runs),
+    and its fields and its recorded settings are checked, so a damaged or
+    foreign file is refused with its name instead of failing halfway through.
+    """
+    from carcli.checkpoints import WeightsError, load_torch_file
+
+    try:
+        state = load_torch_file(path, "training state")
+    except WeightsError as exc:
+        raise UsageError(str(exc)) from None
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} holds a {type(state).__name__}, not a carcli training state")
+    for name, kind in _STATE_FIELDS.items():
+        if not isinstance(state.get(name), kind) or isinstance(state.get(name), bool):
+            raise UsageError(f"{path} is not a carcli training state (no valid {name!r})")
+    state["train_config"] = train_config_from(state["config"], path)
+    return state
+
+
+def train_config_from(saved: dict, path: Path) -> TrainConfig:
+    """The TrainConfig a state recorded; UsageError naming ``path`` if it is not one."""
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    unknown = sorted(set(saved) - known)
+    if unknown or not {"scale", "data", "val"} <= set(saved):
+        raise UsageError(f"{path} is not a carcli training state (its settings are not carcli's)")
+    try:
+        cfg = TrainConfig(**saved)
+        cfg.check()
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{path} holds invalid training settings ({exc})") from None
+    return cfg
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -297,21 +352,31 @@ class Trainer:
     def save_state(self) -> None:
         path = self.run_dir / STATE_NAME
         tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        try:
+            torch.save(self.state_dict(), tmp)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never a half-written state next to the good one
+            raise
 
     def load_state(self) -> None:
-        state = torch.load(self.run_dir / STATE_NAME, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from RUN/state.pt; UsageError (one line) if it does not fit this run."""
+        path = self.run_dir / STATE_NAME
+        state = read_state(path)
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.sampler.load_state_dict(state["sampler"])
+            torch.set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UsageError(f"{path} does not fit this run ({first})") from None
         self.step = state["step"]
-        self.elapsed = state["elapsed"]
-        self.best_psnr = state["best_psnr"]
+        self.elapsed = float(state["elapsed"])
+        self.best_psnr = float(state["best_psnr"])
         self.history = state["history"]
-        self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"])
 
     # ---- logging -----------------------------------------------------
     def _say(self, msg: str) -> None:
@@ -364,8 +429,17 @@ class Trainer:
         model = self.eval_model()
         was_training = model.training
         model.eval()
-        report = self.evaluate(model)
-        model.train(was_training)
+        try:
+            report = self.evaluate(model)
+        finally:
+            model.train(was_training)
+        unmeasured = [name for name, r in report.items() if r.get("psnr") is None]
+        if unmeasured:
+            raise ValidationError(
+                f"validation at step {self.step} measured no image in "
+                + ", ".join(unmeasured)
+                + " (every image failed, or is too small)"
+            )
         mean_psnr = float(np.mean([r["psnr"] for r in report.values()]))
         record = {"event": "val", "step": self.step, "elapsed": round(self.elapsed, 1)}
         record.update({f"{name}_psnr": round(r["psnr"], 4) for name, r in report.items()})
@@ -403,8 +477,17 @@ class Trainer:
             f"batch {cfg.batch} x {cfg.patch}px, {cfg.precision}"
         )
         self.display.start(f"{cfg.scale}x {cfg.config}", total=1.0, completed=self.progress())
+        first_step = self.step
         try:
             self._train_until(stop_at)
+        except BaseException:
+            if self.step == first_step:
+                raise
+            # A failed validation, a full disk, any surprise: the steps trained so far
+            # are saved first (when that is possible), so --resume can continue.
+            with contextlib.suppress(Exception):
+                self.save_state()
+            raise
         finally:
             self.display.stop()
         self.save_state()
