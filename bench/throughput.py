@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,13 @@ from PIL import Image
 from carcli.batch import make_items, run_batch
 from carcli.checkpoints import NoWeightsInstalled, load_model
 from carcli.console import ConsoleReporter
-from carcli.engine import Processor
+from carcli.engine import Processor, build_processor
 from carcli.imageio import find_images, read_image
 from carcli.metrics import measure
 from carcli.models import CARModel, preset
 from carcli.models.quantize import quantize_bits
 from carcli.paths import collect_inputs
-from carcli.runpolicy import resolve_device, set_cpu_threads
+from carcli.runpolicy import RunPolicy, resolve_device
 from carcli.tasks import DownscaleTask, RoundtripTask, UpscaleTask
 
 SAMPLES = Path(__file__).resolve().parents[1] / "carcli" / "samples"
@@ -60,11 +61,24 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build_processor(
+def policy_of(args: argparse.Namespace, **changes: Any) -> RunPolicy:
+    """The run policy these options ask for (the options mean what ``car``'s do)."""
+    policy = RunPolicy(
+        args.device,
+        args.precision,
+        args.tile,
+        "auto" if args.threads is None else args.threads,
+        channels_last=not args.no_channels_last,
+    )
+    return replace(policy, **changes)
+
+
+def make_processor(
     scale: int, weights: Path | None, args: argparse.Namespace
 ) -> tuple[Processor, str]:
     """The processor ``car`` would build, and a line saying which weights it has."""
-    device = resolve_device(args.device)
+    policy = policy_of(args)
+    device = resolve_device(policy.device)
     try:
         model, meta = load_model(weights, scale, device)
         what = f"{weights or 'installed weights'} ({model.config.name})"
@@ -78,10 +92,7 @@ def build_processor(
             "weight values)",
             file=sys.stderr,
         )
-    processor = Processor(
-        model, device, args.precision, tile=args.tile, channels_last=not args.no_channels_last
-    )
-    return processor, what
+    return build_processor(model, policy), what
 
 
 class Timed:
@@ -200,7 +211,7 @@ def pipelines(
 
 
 def run_scale(scale: int, files: list[Path], folder: Path, args: argparse.Namespace) -> dict:
-    processor, what = build_processor(scale, args.weights, args)
+    processor, what = make_processor(scale, args.weights, args)
     mp = sum(Image.open(f).size[0] * Image.open(f).size[1] for f in files) / 1e6
     pil_down, pil_up = pil_bicubic(files, scale)
     down, up, nets = compute_alone(processor, files)
@@ -299,7 +310,9 @@ def psnr_check(folder: Path, scale: int, args: argparse.Namespace) -> None:
     results = {}
     for precision in precisions:
         model, _ = load_model(args.weights, scale, device)
-        processor = Processor(model, device, precision, channels_last=precision != "fp32")
+        # fp32 as the reference, in the weights' own memory format
+        policy = policy_of(args, precision=precision, channels_last=precision != "fp32")
+        processor = build_processor(model, policy)
         values, start = [], time.perf_counter()
         for picture in pictures:
             lr = processor.downscale(picture.rgb)
@@ -338,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=parse_size, default=(1680, 1260), help="WxH")
     parser.add_argument("--psnr", type=Path, help="data set folder: PSNR per precision")
     args = parser.parse_args(argv)
-    set_cpu_threads(args.threads)  # as car does
+    policy_of(args).apply_threads(torch.device("cpu"))  # as car does
 
     if args.make_folder or args.make_photo:
         w, h = args.size

@@ -25,6 +25,7 @@ from carcli.runpolicy import cpu_has_bf16
 from carcli.train.trainer import TrainConfig, Trainer
 
 SETTINGS = {
+    "auto": ("auto", None),  # what `car train` and TrainConfig pick on this CPU
     "fp32": ("fp32", False),
     "fp32-cl": ("fp32", True),
     "bf16": ("bf16", False),

@@ -1,4 +1,13 @@
-"""The one-call Python API: :func:`downscale`, :func:`upscale`, :func:`roundtrip`."""
+"""The one-call Python API: :func:`downscale`, :func:`upscale`, :func:`roundtrip`.
+
+The functions run the model as ``car`` does, through the same run policy
+(:class:`carcli.runpolicy.RunPolicy`): ``precision="auto"`` picks fp16 on
+CUDA, bf16 on CPUs with native bfloat16 and fp32 elsewhere, and the weights
+run channels-last, so ``carcli.roundtrip(image)`` gives the numbers
+``car roundtrip`` prints. Pass ``precision="fp32"`` for exact float32. One
+difference: the API leaves the process's CPU thread count alone unless
+``threads`` is given (``car`` picks the cores not busy).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carcli.engine import Processor
+from carcli.engine import Processor, build_processor
 from carcli.imageio import (
     Picture,
     picture_from_array,
@@ -21,26 +30,33 @@ from carcli.imageio import (
 )
 from carcli.models import CARModel
 from carcli.pictures import downscale_picture, restored_size, roundtrip_picture, upscale_picture
-from carcli.runpolicy import resolve_device
+from carcli.runpolicy import RunPolicy, resolve_device
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_processor(weights: str | None, scale: int, device: str) -> Processor:
+def _cached_processor(weights: str | None, scale: int, policy: RunPolicy) -> Processor:
     from carcli.checkpoints import load_model
 
-    dev = resolve_device(device)
-    model, _ = load_model(Path(weights) if weights else None, scale, dev)
-    return Processor(model, dev)
+    model, _ = load_model(Path(weights) if weights else None, scale, resolve_device(policy.device))
+    return build_processor(model, policy)
 
 
-def _processor(weights: Path | str | CARModel | None, scale: int, device: str) -> Processor:
+def _processor(
+    weights: Path | str | CARModel | None,
+    scale: int,
+    device: str,
+    precision: str,
+    threads: int | None,
+) -> Processor:
+    """The processor ``car`` would build for these options (the threads default differs)."""
+    policy = RunPolicy(str(device), precision, threads="keep" if threads is None else threads)
     if isinstance(weights, CARModel):
         if weights.scale != scale:
             raise ValueError(f"the model is for {weights.scale}x, not {scale}x")
-        return Processor(weights, resolve_device(device))
-    return _cached_processor(str(weights) if weights else None, scale, str(device))
+        return build_processor(weights, policy)
+    return _cached_processor(str(weights) if weights else None, scale, policy)
 
 
 def _refining(processor: Processor, steps: int) -> Processor:
@@ -93,15 +109,18 @@ def downscale(
     weights: Path | str | CARModel | None = None,
     device: str = "auto",
     refine: int = 0,
+    precision: str = "auto",
+    threads: int | None = None,
 ) -> ImageLike:
     """CAR-downscale a PIL image, HxWx3 uint8/uint16 array or 3xHxW float tensor.
 
     Returns the same kind, ceil(H/s) x ceil(W/s), on the 8-bit grid (arrays
     come back as uint8: the LR image is 8-bit by design). Store it losslessly.
-    ``refine`` as ``car downscale --refine``.
+    ``refine`` as ``car downscale --refine``; ``precision`` and ``threads`` as
+    ``--precision`` and ``--threads`` (None: leave torch's thread count alone).
     """
     picture, back = _picture_of(image)
-    processor = _refining(_processor(weights, scale, device), refine)
+    processor = _refining(_processor(weights, scale, device, precision, threads), refine)
     return back(downscale_picture(processor, picture))
 
 
@@ -111,15 +130,19 @@ def upscale(
     weights: Path | str | CARModel | None = None,
     device: str = "auto",
     size: tuple[int, int] | None = None,
+    precision: str = "auto",
+    threads: int | None = None,
 ) -> ImageLike:
     """Reconstruct from a CAR-downscaled image; ``size`` = (H, W) crops to the original size.
 
     A PIL image returned by :func:`downscale` remembers its source size itself.
+    ``precision`` and ``threads`` as for :func:`downscale`.
     """
     picture, back = _picture_of(image)
     if size is None:
         size = restored_size(picture, scale)[0]
-    return back(upscale_picture(_processor(weights, scale, device), picture, size))
+    processor = _processor(weights, scale, device, precision, threads)
+    return back(upscale_picture(processor, picture, size))
 
 
 def roundtrip(
@@ -128,8 +151,14 @@ def roundtrip(
     weights: Path | str | CARModel | None = None,
     device: str = "auto",
     refine: int = 0,
+    precision: str = "auto",
+    threads: int | None = None,
 ) -> ImageLike:
-    """Downscale, quantise to 8 bits and upscale in memory; same size and kind as the input."""
+    """Downscale, quantise to 8 bits and upscale in memory; same size and kind as the input.
+
+    Options as for :func:`downscale`; the result equals ``car roundtrip``'s with the
+    same options.
+    """
     picture, back = _picture_of(image)
-    processor = _refining(_processor(weights, scale, device), refine)
+    processor = _refining(_processor(weights, scale, device, precision, threads), refine)
     return back(roundtrip_picture(processor, picture)[1])

@@ -285,34 +285,24 @@ def _processor(
     refine_range: int = REFINE_MAX_CHANGE,
     generic: Path | None = None,
 ) -> tuple[Processor, ModelInfo]:
-    """The model on its device, tuned: channels-last, the precision, tiles, threads.
+    """The model on its device, run as :class:`carcli.runpolicy.RunPolicy` says (as the API).
 
     ``generic``: load this generic upscaler (SR only) instead of the pair.
     """
     from carcli.checkpoints import load_generic, load_model, weights_files
-    from carcli.engine import Processor
+    from carcli.engine import build_processor
     from carcli.report import ModelInfo
-    from carcli.runpolicy import resolve_device, set_cpu_threads
+    from carcli.runpolicy import RunPolicy, resolve_device
 
-    dev = resolve_device(device)
-    if threads is not None or dev.type == "cpu":
-        set_cpu_threads(threads)
+    policy = RunPolicy(device, precision.value, tile, "auto" if threads is None else threads)
+    dev = resolve_device(policy.device)
     if generic is not None:
         model = load_generic(generic, scale, dev)
         info = ModelInfo(scale, [generic], role="generic")
     else:
         model, meta = load_model(weights, scale, dev)
         info = ModelInfo(scale, weights_files(weights, scale, meta))
-    processor = Processor(
-        model,
-        dev,
-        precision.value,
-        tile=tile,
-        channels_last=True,
-        refine=refine,
-        refine_max_change=refine_range,
-    )
-    return processor, info
+    return build_processor(model, policy, refine, refine_range), info
 
 
 def _inputs(source: Path, recursive: bool) -> list[tuple[Path, Path]]:

@@ -17,7 +17,7 @@ from carcli.models.quantize import quantize_bits_
 from carcli.ops.reference import reflect_pad
 from carcli.refine import refine
 from carcli.refine import tile_side as refine_tile_side
-from carcli.runpolicy import PrecisionError
+from carcli.runpolicy import PrecisionError, RunPolicy, resolve_device
 from carcli.tiler import TiledModel
 
 # The resampler network works at H/8 and reflect-pads there, so it needs sides of
@@ -132,3 +132,30 @@ class Processor:
         """Messages for the user collected since the last call (out-of-memory retries)."""
         notes, self.runner.notes = self.runner.notes, []
         return notes
+
+
+def build_processor(
+    model: CARModel,
+    policy: RunPolicy | None = None,
+    refine: int = 0,
+    refine_max_change: int = REFINE_MAX_CHANGE,
+) -> Processor:
+    """The one way a model is set up to run: ``car``, the API, validation, timing, benches.
+
+    Applies ``policy`` (device, CPU threads, precision, channels-last, tiles,
+    memory budget; see :class:`RunPolicy`) to ``model``, which moves to the
+    device and into eval mode. Default policy: :class:`RunPolicy`'s defaults, as ``car``.
+    """
+    policy = policy or RunPolicy()
+    device = resolve_device(policy.device)
+    policy.apply_threads(device)
+    return Processor(
+        model,
+        device,
+        policy.precision,
+        tile=policy.tile,
+        channels_last=policy.channels_last,
+        memory_budget=policy.memory_budget,
+        refine=refine,
+        refine_max_change=refine_max_change,
+    )

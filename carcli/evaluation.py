@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from carcli.batch import NullReporter, Outcome, Reporter, make_items, run_batch
-from carcli.engine import Processor
+from carcli.engine import build_processor
 from carcli.models import CARModel
 from carcli.paths import collect_inputs
+from carcli.runpolicy import VALIDATION
 from carcli.tasks import RoundtripTask
 
 
@@ -54,7 +56,9 @@ def evaluate_folder(
 ) -> dict:
     """``car roundtrip FOLDER --json`` without writing files; the report dict it would write.
 
-    Same padding, quantisation, metrics and bicubic baseline as the command.
+    Same padding, quantisation, metrics and bicubic baseline as the command,
+    in float32 (the :data:`carcli.runpolicy.VALIDATION` policy), so validation
+    numbers compare across machines.
     The bicubic numbers are cached per (file, scale), so repeated validation
     only pays for the model. The model is returned to its device and mode.
     ``reporter`` hears about progress and failures (default: nobody).
@@ -64,7 +68,8 @@ def evaluate_folder(
     dtype = param.dtype if param is not None else torch.float32
     was_training = model.training
     try:
-        task = RoundtripTask(Processor(model, device), compare_bicubic=compare_bicubic)
+        processor = build_processor(model, replace(VALIDATION, device=device))
+        task = RoundtripTask(processor, compare_bicubic=compare_bicubic)
         items = make_items(task, collect_inputs(Path(folder), recursive))
         outcomes = run_batch(task, items, reporter or NullReporter())
     finally:

@@ -1,10 +1,17 @@
-"""How a model runs on this machine: device, precision, CPU threads and memory budget."""
+"""How a model runs on this machine: device, precision, CPU threads and memory budget.
+
+One policy for every caller: :class:`RunPolicy` holds the choices, and
+:func:`carcli.engine.build_processor` applies them, for the ``car`` commands,
+the Python API, ``evaluate_folder``, the export's CPU timing and the benches.
+Training picks its precision here too (:func:`training_precision`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +29,42 @@ GPU_BUDGET_CAP = 16 << 30
 
 class PrecisionError(ValueError):
     """A precision this device cannot run; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """How to run a model: the same defaults for ``car`` and :func:`carcli.roundtrip`.
+
+    ``device``: auto (CUDA when available), cpu, cuda, cuda:N or mps.
+    ``precision``: auto (:func:`default_precision`: fp16 on CUDA, bf16 on CPUs
+    with native bfloat16, else fp32), fp32, bf16 or fp16.
+    ``tile``: tile side in output pixels (None: sized from ``memory_budget``,
+    itself None: from free memory, :func:`default_budget`).
+    ``threads``: CPU threads, "auto" (:func:`default_threads`, unless
+    OMP_NUM_THREADS is set) or "keep" (leave the process's setting alone).
+    ``channels_last``: the weights' memory format (faster convolutions on CPUs).
+    """
+
+    device: str | torch.device = "auto"
+    precision: str = "auto"
+    tile: int | None = None
+    threads: int | str = "auto"
+    channels_last: bool = True
+    memory_budget: int | None = None
+
+    def apply_threads(self, device: torch.device) -> None:
+        """Set torch's CPU threads as :attr:`threads` says (automatic choice on the CPU only)."""
+        if isinstance(self.threads, int):
+            set_cpu_threads(self.threads)
+        elif self.threads == "auto" and device.type == "cpu":
+            set_cpu_threads(None)
+        elif self.threads not in ("auto", "keep"):
+            raise UsageError(f"threads must be a number, auto or keep, not {self.threads!r}")
+
+
+# Validation measures in float32 with the model's memory format left alone and the
+# trainer's threads kept, so its numbers compare across machines and runs.
+VALIDATION = RunPolicy(precision="fp32", threads="keep", channels_last=False)
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -61,6 +104,28 @@ def default_precision(device: torch.device) -> str:
     if device.type == "cpu" and cpu_has_bf16():
         return "bf16"
     return "fp32"
+
+
+def training_precision(spec: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device computes it natively, else fp32.
+
+    On a CPU without AVX512-BF16/AMX, bfloat16 is emulated: a 4x training step
+    took 10-14x longer than in fp32 on such a machine (``bench/train_step.py``). fp16 is
+    not offered: it would need loss scaling, and bf16 does as well where it exists.
+    """
+    spec = spec.lower()
+    if spec not in ("auto", "bf16", "fp32"):
+        raise PrecisionError(f"training precision must be auto, bf16 or fp32, got {spec!r}")
+    if spec != "auto":
+        return spec
+    if device.type == "cuda":  # bf16, not the fp16 that inference picks there
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return default_precision(device)
+
+
+def training_channels_last(precision: str) -> bool:
+    """Channels-last for training goes with bf16: in fp32 on an AVX2 CPU it was slower."""
+    return precision == "bf16"
 
 
 def resolve_precision(spec: str, device: torch.device) -> str:

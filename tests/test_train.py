@@ -387,15 +387,14 @@ def test_auto_precision_trains_in_bf16_only_where_native(
 
     from carcli import runpolicy
     from carcli.cli import app
-    from carcli.train import trainer as trainer_module
 
     monkeypatch.setattr(runpolicy, "cpu_has_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert trainer_module.training_precision("auto", cpu) == ("bf16" if native else "fp32")
-    assert trainer_module.training_precision("FP32", cpu) == "fp32"
-    assert trainer_module.training_precision("bf16", cpu) == "bf16"
+    assert runpolicy.training_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert runpolicy.training_precision("FP32", cpu) == "fp32"
+    assert runpolicy.training_precision("bf16", cpu) == "bf16"
     with pytest.raises(ValueError, match="auto, bf16 or fp32"):
-        trainer_module.training_precision("fp16", cpu)
+        runpolicy.training_precision("fp16", cpu)
 
     run = tmp_path / "run"
     args = ["train", "--scale", "2", "--config", "tiny", "--patch", "32", "--batch", "2"]

@@ -217,7 +217,6 @@ def train(
         Trainer,
         ValidationError,
         read_state,
-        training_precision,
     )
 
     if config not in PRESETS:
@@ -238,12 +237,6 @@ def train(
             cfg.val_every, cfg.log_every = val_every, log_every
             cfg.checkpoint_minutes = checkpoint_minutes
         else:
-            try:
-                precision = training_precision(precision, dev)
-            except ValueError as exc:
-                raise typer.BadParameter(str(exc), param_hint="--precision") from None
-            if channels_last is None:
-                channels_last = precision == "bf16"
             if state.exists():
                 raise UsageError(f"{state} exists: pass --resume, or choose another --run")
             cfg = TrainConfig(

@@ -37,8 +37,8 @@ def cpu_timing(model: CARModel, threads: int | None = None, repeats: int = 2) ->
     Measured in float32 and in the CPU's default precision (bf16 where the CPU
     has it), best of ``repeats``, with the settings `car` uses, without file I/O.
     """
-    from carcli.engine import Processor
-    from carcli.runpolicy import default_precision
+    from carcli.engine import build_processor
+    from carcli.runpolicy import RunPolicy, default_precision
 
     old_threads = torch.get_num_threads()
     if threads:
@@ -50,7 +50,8 @@ def cpu_timing(model: CARModel, threads: int | None = None, repeats: int = 2) ->
     try:
         image = torch.rand(3, *TIMING_SIZE, generator=torch.Generator().manual_seed(0))
         for precision in dict.fromkeys(("fp32", default_precision(torch.device("cpu")))):
-            processor = Processor(model, "cpu", precision=precision, channels_last=True)  # as `car`
+            policy = RunPolicy("cpu", precision, threads="keep")  # as `car`, threads set above
+            processor = build_processor(model, policy)
             down = up = float("inf")
             for _ in range(repeats):
                 t0 = time.perf_counter()

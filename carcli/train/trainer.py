@@ -21,7 +21,7 @@ from carcli.models import CARModel, deepened, preset
 from carcli.models.precision import autocast
 from carcli.models.quantize import QUANT_GRADIENTS, quantize_for_training
 from carcli.ops import resample
-from carcli.runpolicy import default_precision
+from carcli.runpolicy import PrecisionError, training_channels_last, training_precision
 from carcli.train.data import PatchSampler
 from carcli.train.losses import offset_loss, tv_loss
 from carcli.train.progress import TrainDisplay, status_line
@@ -61,8 +61,8 @@ class TrainConfig:
     reset_heads: bool = False  # with init: fresh kernel/offset heads, started as bicubic
     init: str | None = None  # start from an inference checkpoint (absolute path)
     init_sha256: str | None = None  # of that file, so the record names it after it is replaced
-    precision: str = "bf16"  # bf16 autocast for the networks, or fp32 (see training_precision)
-    channels_last: bool = True
+    precision: str = "auto"  # bf16 autocast, fp32, or auto: per device (see resolved)
+    channels_last: bool | None = None  # None: with bf16 only (see resolved)
     threads: int | None = None
     val_every: int = 1000
     log_every: int = 50
@@ -94,7 +94,7 @@ class TrainConfig:
             ("soft_alpha", 0 <= self.soft_alpha <= 1, "must be between 0 and 1"),
             ("ema", 0 <= self.ema < 1, "must be at least 0 (off) and below 1"),
             ("sr_pretrain", self.sr_pretrain >= 0, "must be 0 or more"),
-            ("precision", self.precision in ("bf16", "fp32"), "must be bf16 or fp32"),
+            ("precision", self.precision in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
             ("val_every", self.val_every >= 0, "must be 0 (never) or more"),
             ("log_every", self.log_every >= 1, "must be 1 or more"),
             ("checkpoint_minutes", self.checkpoint_minutes > 0, "must be positive"),
@@ -106,6 +106,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolved(self, device: torch.device) -> TrainConfig:
+        """This config with ``auto`` precision and channels-last decided for ``device``.
+
+        The run policy picks per device (:func:`carcli.runpolicy.training_precision`):
+        bf16 only where it is native, channels-last with bf16. The saved state records
+        the resolved values, so a resumed run keeps them.
+        """
+        try:
+            precision = training_precision(self.precision, device)
+        except PrecisionError as exc:
+            raise ConfigError("precision", str(exc)) from None
+        channels_last = self.channels_last
+        if channels_last is None:
+            channels_last = training_channels_last(precision)
+        return replace(self, precision=precision, channels_last=channels_last)
 
 
 class ValidationError(RuntimeError):
@@ -196,23 +212,6 @@ def run_metadata(
     }
 
 
-def training_precision(spec: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the device computes it natively, else fp32.
-
-    On a CPU without AVX512-BF16/AMX, bfloat16 is emulated: a 4x training step
-    took 10-14x longer than in fp32 on such a machine (``bench/train_step.py``). fp16 is
-    not offered: it would need loss scaling, and bf16 does as well where it exists.
-    """
-    spec = spec.lower()
-    if spec not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"training precision must be auto, bf16 or fp32, got {spec!r}")
-    if spec != "auto":
-        return spec
-    if device.type == "cuda":  # bf16, not the fp16 that inference picks there
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return default_precision(device)
-
-
 def training_losses(
     model: CARModel,
     hr: torch.Tensor,
@@ -272,6 +271,7 @@ class Trainer:
         display: TrainDisplay | None = None,
     ) -> None:
         cfg.check()
+        cfg = cfg.resolved(device)
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = device
