@@ -115,7 +115,14 @@ def downscale(
     """CAR-downscale a PIL image, HxWx3 uint8/uint16 array or 3xHxW float tensor.
 
     Returns the same kind, ceil(H/s) x ceil(W/s), on the 8-bit grid (arrays
-    come back as uint8: the LR image is 8-bit by design). Store it losslessly.
+    come back as uint8: the LR image is 8-bit by design). Store it losslessly
+    with :func:`carcli.save`, which keeps the original size in the PNG (plain
+    ``Image.save`` drops it, and a later upscale then rounds the size up)::
+
+        small = carcli.downscale(Image.open("photo.jpg"), scale=4)
+        carcli.save(small, "small.png")
+        restored = carcli.upscale(Image.open("small.png"), scale=4)  # photo.jpg's size
+
     ``refine`` as ``car downscale --refine``; ``precision`` and ``threads`` as
     ``--precision`` and ``--threads`` (None: leave torch's thread count alone).
     """

@@ -320,6 +320,14 @@ def _inputs(source: Path, recursive: bool) -> list[tuple[Path, Path]]:
     return inputs
 
 
+def _check_weights(weights: Path | None) -> None:
+    """A --weights path that does not exist is a usage error found before loading torch."""
+    from carcli.errors import UsageError
+
+    if weights is not None and not weights.expanduser().exists():
+        raise UsageError(f"weights path {weights.expanduser()} does not exist")
+
+
 def _output(positional: Path | None, option: Path | None) -> Path:
     """OUTPUT from the argument or -o/--output (one of them, or both equal)."""
     from carcli.errors import UsageError
@@ -503,6 +511,7 @@ def downscale(
     started = time.perf_counter()
     with _user_errors():
         output = _output(output, output_opt)
+        _check_weights(weights)
         out_dir, out_file, fmt_name, inputs = _writing_plan(
             input, output, fmt, suffix, recursive, json_file
         )
@@ -588,6 +597,7 @@ def upscale(
     started = time.perf_counter()
     with _user_errors():
         output = _output(output, output_opt)
+        _check_weights(weights)
         out_dir, out_file, fmt_name, inputs = _writing_plan(
             input, output, fmt, suffix, recursive, json_file
         )
@@ -730,6 +740,7 @@ def roundtrip(
                 )
             input = SAMPLES_DIR
         check_input(input)
+        _check_weights(weights)
         _check_suffix(suffix)
         if compare and output is None:
             raise UsageError("--compare writes images, so it needs --output DIR")

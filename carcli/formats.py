@@ -23,6 +23,7 @@ HEIF_EXTRA_HINT = "reading HEIC/HEIF needs the optional extra: pip install 'carc
 
 # ``-`` as INPUT or OUTPUT: standard input or output, as image tools allow.
 STDIO = "-"
+STDIN_NAME = "<stdin>"  # how messages and reports name that image (its outputs: stdin.png)
 
 # PNG text chunks that ``car downscale`` writes so ``car upscale`` can restore the exact size.
 SOURCE_SIZE_KEY = "carcli:source-size"  # "WxH" of the image that was downscaled
@@ -69,7 +70,8 @@ def output_name(rel: Path, extension: str, suffix: str = "") -> Path:
     ``x.jpg`` in one folder can get distinct outputs (``--suffix _{ext}``).
     """
     tail = suffix.replace("{ext}", rel.suffix.lstrip(".").lower())
-    return rel.with_name(rel.stem + tail + extension)
+    stem = "stdin" if rel.name == STDIN_NAME else rel.stem
+    return rel.with_name(stem + tail + extension)
 
 
 def read_png_text(path: Path | str, limit: int = 1 << 20) -> dict[str, str]:

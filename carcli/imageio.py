@@ -29,8 +29,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+import PIL
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError, features
 
 from carcli.formats import (  # noqa: F401  (re-exported: the light part of this module)
     FORMATS,
@@ -121,6 +122,11 @@ def decode_image(data: bytes) -> Picture:
         raise ImageReadError("empty file")
     if _is_heif(data) and not _register_heif():
         raise ImageReadError(f"HEIC/HEIF image: {HEIF_EXTRA_HINT}")
+    if data[4:12] in (b"ftypavif", b"ftypavis") and not features.check("avif"):
+        raise ImageReadError(
+            f"AVIF image: this Pillow {PIL.__version__} cannot decode AVIF (newer Pillow "
+            "wheels can: pip install -U pillow)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

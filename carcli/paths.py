@@ -7,6 +7,7 @@ from pathlib import Path
 
 from carcli.errors import UsageError
 from carcli.formats import (
+    STDIN_NAME,
     STDIO,
     ImageWriteError,
     find_images,
@@ -14,8 +15,6 @@ from carcli.formats import (
     is_image_path,
     is_stdio,
 )
-
-STDIN_NAME = "<stdin>"  # how messages and reports name the image read from standard input
 
 
 def check_input(source: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from carcli.batch import Item, Result, Task
 from carcli.engine import Processor
-from carcli.formats import output_name
+from carcli.formats import STDIO, is_stdio, output_name
 from carcli.imageio import (
     FORMATS,
     Picture,
@@ -145,6 +145,8 @@ _BICUBIC_CACHE: dict[tuple[str, int, int, int], tuple[float | None, float | None
 
 
 def _file_key(path: Path, scale: int) -> tuple[str, int, int, int]:
+    if is_stdio(path):  # standard input: read once per process, so one key is enough
+        return (STDIO, 0, 0, scale)
     stat = path.stat()
     return (str(path.resolve()), stat.st_mtime_ns, stat.st_size, scale)
 

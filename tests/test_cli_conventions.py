@@ -78,6 +78,7 @@ def test_usage_errors_answer_without_importing_torch(tmp_path: Path) -> None:
         (["upscale", src / "x.png", "-", "--json", "-"], "standard output"),
         (["roundtrip", src, "--compare"], "--output"),
         (["downscale", src, tmp_path / "o", "--suffix", "a/b"], "path separator"),
+        (["roundtrip", src, "-w", tmp_path / "nowhere"], "does not exist"),
     ]
     for args, words in cases:
         code, imported_torch, stderr = run_probe(*args)
@@ -254,6 +255,14 @@ def test_stdin_to_stdout_pipeline(tmp_path: Path, tiny_weights: Path) -> None:
     report = json.loads(to_file.stdout)
     assert check_report(report) == [] and report["images"][0]["file"] == "<stdin>"
     assert Image.open(tmp_path / "big.png").size == (53, 41)
+
+    rt = subprocess.run(
+        [*cmd, "roundtrip", "-", "-o", tmp_path / "rt", "-w", tiny_weights, "-q"],
+        input=buf.getvalue(),
+        capture_output=True,
+    )
+    assert rt.returncode == 0, rt.stderr
+    assert Image.open(tmp_path / "rt" / "sr" / "stdin.png").size == (53, 41)
 
     empty = subprocess.run([*cmd, "downscale", "-", "-", "-w", tiny_weights], input=b"",
                            capture_output=True)  # fmt: skip
