@@ -249,3 +249,79 @@ def test_set14_bicubic_baseline_close_to_paper() -> None:
     psnr, _ = _bicubic_scores(DATASETS / "val" / "Set14", 4, with_ssim=False)
     print(f"Set14 x4 bicubic & bicubic: {psnr:.3f} dB Y-PSNR (paper 26.00)")
     assert abs(psnr - 26.00) < 0.3
+
+
+# --- 8-bit images: MATLAB's uint8 path, one axis at a time --------------------------
+
+
+def _uint8_levels(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, generator=generator).float() / 255
+
+
+def _matlab_round(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.floor(x + 0.5), 0, 255)
+
+
+@pytest.mark.parametrize(
+    ("hw", "size"), [((29, 35), (15, 18)), ((30, 20), (10, 15)), ((14, 9), (33, 20))]
+)
+def test_uint8_resizes_one_axis_at_a_time_with_rounding(
+    hw: tuple[int, int], size: tuple[int, int]
+) -> None:
+    """Against the slow loop, rounding to 8 bits after each axis, the axis with the
+    smaller scale first (MATLAB's order): (30, 20) -> (10, 15) shrinks rows 3x and
+    columns 1.33x, so rows go first; (14, 9) -> (33, 20) enlarges columns less."""
+    seed = hw[0] * hw[1]
+    print(f"seed {seed}")
+    x = _uint8_levels((3, *hw), seed=seed)
+    levels = x.double().numpy() * 255
+    scales = (size[0] / hw[0], size[1] / hw[1])
+    if scales[0] <= scales[1]:
+        first = _matlab_round(slow_resize_axis(levels, -2, size[0], scales[0]))
+        ref = _matlab_round(slow_resize_axis(first, -1, size[1], scales[1]))
+    else:
+        first = _matlab_round(slow_resize_axis(levels, -1, size[1], scales[1]))
+        ref = _matlab_round(slow_resize_axis(first, -2, size[0], scales[0]))
+    out = imresize(x, size=size, uint8=True)
+    assert out.dtype == torch.float32 and out.shape == (3, *size)
+    np.testing.assert_array_equal(np.round(out.double().numpy() * 255), ref)
+    assert torch.equal(out, torch.round(out * 255) / 255)  # on the 8-bit grid, exactly
+    # The single float pass rounds once and differs on some pixels: the test has teeth.
+    single = torch.round(imresize(x.double(), size=size).clamp(0, 1) * 255).numpy()
+    assert (single != ref).any()
+
+
+def test_uint8_is_only_for_8_bit_images() -> None:
+    x = _uint8_levels((1, 12, 10), seed=5)
+    lr = bicubic_downscale(x, 2, uint8=True)
+    assert torch.equal(lr, bicubic_downscale(x + 0.4 / 255, 2, uint8=True))  # off-grid: rounded
+    up = bicubic_upscale(lr, 2, size=(11, 9), uint8=True)
+    assert up.shape == (1, 11, 9) and torch.equal(up, torch.round(up * 255) / 255)
+
+
+@needs_datasets
+@pytest.mark.parametrize("scale", [2, 4])
+def test_uint8_downscale_matches_matlab_lr_files_bit_for_bit(scale: int) -> None:
+    """The benchmark Set5 LR images (MATLAB imresize, uint8) from the Set5 HR images."""
+    folder = DATASETS / "val" / "Set5_LR_matlab" / f"x{scale}"
+    if not folder.is_dir():
+        pytest.skip(f"MATLAB-made LR images not found at {folder}")
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == 5
+    for path in files:
+        rgb = np.array(Image.open(DATASETS / "val" / "Set5" / path.name).convert("RGB"))
+        hr = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+        matlab = np.array(Image.open(path).convert("RGB"))
+        ours = bicubic_downscale(hr, scale, uint8=True)
+        ours = np.round(ours.permute(1, 2, 0).double().numpy() * 255).astype(np.uint8)
+        single = bicubic_downscale(hr.double(), scale).clamp(0, 1).permute(1, 2, 0).numpy()
+        single = np.round(single * 255).astype(np.uint8)
+        differ = float((single != matlab).mean())
+        print(
+            f"x{scale} {path.name}: uint8 path equal: {np.array_equal(ours, matlab)}, "
+            f"single float pass differs on {differ:.1%} of samples"
+        )
+        assert ours.shape == matlab.shape
+        np.testing.assert_array_equal(ours, matlab, err_msg=f"x{scale} {path.name}")
+        assert differ > 0.05  # what the float path gets wrong, for the record
