@@ -137,9 +137,9 @@ def test_evaluate_folder_report_matches_independent_metrics(tiny_model, folder: 
         psnr, ssim = _reference_metrics(ours, target, 4)
         assert record["psnr"] == pytest.approx(psnr, abs=0.01)
         assert record["ssim"] == pytest.approx(ssim, abs=1e-3)
-        # bicubic: MATLAB-style down to an 8-bit LR, then up, rounded to 8 bits
-        lr = quantize(bicubic_downscale(hr, 4))
-        up = bicubic_upscale(lr, 4, size=hr.shape[-2:]).clamp(0, 1)
+        # bicubic: MATLAB's uint8 imresize down to an 8-bit LR, then up (8-bit inputs)
+        lr = bicubic_downscale(hr, 4, uint8=True)
+        up = bicubic_upscale(lr, 4, size=hr.shape[-2:], uint8=True)
         base = (up[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         psnr, ssim = _reference_metrics(base, target, 4)
         assert record["bicubic_psnr"] == pytest.approx(psnr, abs=0.01)
