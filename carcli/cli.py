@@ -634,14 +634,14 @@ def _upscale_groups(
     """Inputs by (scale, made by car downscale), and the (scale, file)s that were not.
 
     The scale is ``scale`` when given, else the one the file's carcli note
-    records, else 4. Read from the PNG's text chunks only, before any model.
+    records, else 4. Read from the file's metadata only, before any model.
     """
-    from carcli.formats import SCALE_KEY, SOURCE_SIZE_KEY, read_png_text
+    from carcli.formats import SCALE_KEY, SOURCE_SIZE_KEY, read_note
 
     groups: dict[tuple[int, bool], list[tuple[Path, Path]]] = {}
     foreign: list[tuple[int, Path]] = []
     for src, rel in inputs:
-        note = read_png_text(src)
+        note = read_note(src)
         recorded = note.get(SCALE_KEY, "")
         s = scale or (int(recorded) if recorded in ("2", "4") else 4)
         made_by_car = SOURCE_SIZE_KEY in note

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import sys
 import zlib
@@ -72,6 +73,78 @@ def output_name(rel: Path, extension: str, suffix: str = "") -> Path:
     tail = suffix.replace("{ext}", rel.suffix.lstrip(".").lower())
     stem = "stdin" if rel.name == STDIN_NAME else rel.stem
     return rel.with_name(stem + tail + extension)
+
+
+_XMP_NS = "https://carcli.invalid/ns/note/1/"  # an identifier only; nothing is fetched
+_XMP_JPEG_PREFIX = b"http://ns.adobe.com/xap/1.0/\0"
+_NOTE_ATTR = re.compile(r'carcli:([A-Za-z0-9-]+)="([^"<>&]*)"')
+
+
+def note_xmp(note: dict[str, str]) -> bytes:
+    """carcli's note (``carcli:*`` keys) as an XMP packet, for WebP and JPEG outputs."""
+    attrs = " ".join(
+        f'{key}="{value}"'
+        for key, value in note.items()
+        if key.startswith("carcli:") and _NOTE_ATTR.fullmatch(f'{key}="{value}"')
+    )
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description rdf:about="" xmlns:carcli="{_XMP_NS}" {attrs}/>'
+        "</rdf:RDF></x:xmpmeta>"
+    ).encode()
+
+
+def parse_note_xmp(xmp: bytes | str) -> dict[str, str]:
+    """The ``carcli:*`` attributes of an XMP packet written by :func:`note_xmp`."""
+    text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else xmp
+    if _XMP_NS not in text:
+        return {}
+    return {f"carcli:{key}": value for key, value in _NOTE_ATTR.findall(text)}
+
+
+def read_note(path: Path | str) -> dict[str, str]:
+    """carcli's note of an image file without decoding it: PNG text chunks, or the XMP of a
+    WebP or JPEG that ``car downscale`` wrote ({} when there is none)."""
+    try:
+        opened = io.BytesIO(read_stdin()) if is_stdio(path) else open(path, "rb")  # noqa: SIM115
+        with opened as handle:
+            head = handle.read(12)
+            if head[:8] == _PNG_SIGNATURE:
+                text = read_png_text(path)
+                return {k: v for k, v in text.items() if k.startswith("carcli:")}
+            if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+                return _webp_note(handle)
+            if head[:2] == b"\xff\xd8":
+                handle.seek(2)
+                return _jpeg_note(handle)
+    except (OSError, ImageReadError, struct.error):
+        return {}
+    return {}
+
+
+def _webp_note(handle: io.IOBase) -> dict[str, str]:
+    """The XMP chunk of a WebP file (it follows the image data: chunks are skipped by seek)."""
+    while True:
+        header = handle.read(8)
+        if len(header) < 8:
+            return {}
+        kind, size = header[:4], struct.unpack("<I", header[4:])[0]
+        if kind == b"XMP ":
+            return parse_note_xmp(handle.read(min(size, 1 << 20)))
+        handle.seek(size + (size & 1), os.SEEK_CUR)
+
+
+def _jpeg_note(handle: io.IOBase) -> dict[str, str]:
+    """The XMP APP1 segment of a JPEG file (segments before the first scan)."""
+    while True:
+        header = handle.read(4)
+        if len(header) < 4 or header[0] != 0xFF or header[1] == 0xDA:
+            return {}
+        size = struct.unpack(">H", header[2:])[0]
+        payload = handle.read(size - 2)
+        if header[1] == 0xE1 and payload.startswith(_XMP_JPEG_PREFIX):
+            return parse_note_xmp(payload[len(_XMP_JPEG_PREFIX) :])
 
 
 def read_png_text(path: Path | str, limit: int = 1 << 20) -> dict[str, str]:

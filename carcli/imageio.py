@@ -46,7 +46,10 @@ from carcli.formats import (  # noqa: F401  (re-exported: the light part of this
     format_for_suffix,
     is_image_path,
     is_stdio,
+    note_xmp,
     output_name,
+    parse_note_xmp,
+    read_note,
     read_png_text,
     read_stdin,
 )
@@ -146,6 +149,8 @@ def decode_image(data: bytes) -> Picture:
 
     orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     text = {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+    if isinstance(im.info.get("xmp"), (bytes, str)):
+        text.update(parse_note_xmp(im.info["xmp"]))
     if _is_16bit_colour(data, im):
         # Pillow reduces 16-bit colour to 8 bits; OpenCV keeps every bit.
         array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -390,12 +395,15 @@ def encode_image(
     if fmt == "png":
         return encode_png(array, text)
     im = Image.fromarray(array, "RGBA" if array.shape[2] == 4 else "RGB")
+    # WebP and JPEG have no text chunks: carcli's note goes into XMP metadata there.
+    note = {k: v for k, v in (text or {}).items() if k.startswith("carcli:")}
+    xmp = {"xmp": note_xmp(note)} if note else {}
     buf = io.BytesIO()
     if fmt == "webp":
         # exact=True keeps the colour of fully transparent pixels; lossless keeps every value.
-        im.save(buf, "WEBP", lossless=True, quality=100, method=4, exact=True)
+        im.save(buf, "WEBP", lossless=True, quality=100, method=4, exact=True, **xmp)
     else:
-        im.save(buf, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+        im.save(buf, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2, **xmp)
     return buf.getvalue()
 
 
@@ -470,8 +478,8 @@ def save(
     ``image`` is a PIL image, an HxW[xC] uint8/uint16/float array or a 3xHxW
     float tensor; for arrays and tensors (which carry no note) pass
     ``source_size=(height, width)`` and ``scale``. The format follows the
-    suffix: PNG keeps the note; lossless WebP and JPEG cannot hold it. Written
-    atomically; ``"-"`` writes PNG to standard output.
+    suffix (PNG, lossless WebP or JPEG; the note goes into PNG text chunks or
+    WebP/JPEG XMP). Written atomically; ``"-"`` writes PNG to standard output.
     """
     text: dict[str, str] = {}
     if isinstance(image, Image.Image):

@@ -161,6 +161,12 @@ def test_upscale_takes_the_scale_from_the_note(tmp_path: Path, tiny_weights: Pat
     assert result.exit_code == 0
     assert "was downscaled at 2x, upscaling at 4x" in result.stderr
     assert Image.open(tmp_path / "up4" / "a.png").size == (108, 84)
+    # Lossless WebP keeps the note too (in XMP): scale and exact size come back.
+    result = car("downscale", src, tmp_path / "webp", "-s", "2", "-f", "webp", "-w", tiny_weights)
+    assert result.exit_code == 0
+    result = car("upscale", tmp_path / "webp", tmp_path / "upw", "-w", tiny_weights)
+    assert result.exit_code == 0 and "warning" not in result.stderr
+    assert Image.open(tmp_path / "upw" / "a.png").size == (53, 41)
 
 
 def test_upscale_of_foreign_images_warns_once(tmp_path: Path, tiny_weights: Path) -> None:

@@ -218,6 +218,22 @@ def test_save_keeps_the_source_size_note(tmp_path: Path, tiny_weights: Path) -> 
     assert restored.size == (227, 341)
 
 
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpg"])
+def test_note_survives_every_output_format(tmp_path: Path, fmt: str) -> None:
+    """PNG keeps carcli's note in text chunks; WebP and JPEG in XMP (they have no text chunks),
+    so an LR saved as lossless WebP still upscales to its exact original size."""
+    import torch
+
+    from carcli.formats import read_note
+
+    note = {SOURCE_SIZE_KEY: "199x157", SCALE_KEY: "4"}
+    path = tmp_path / f"small.{fmt}"
+    write_image(path, torch.from_numpy(photo(40, 50)).permute(2, 0, 1) / 255.0, text=note)
+    assert read_note(path) == note  # without decoding (car upscale picks scale and model)
+    assert read_image(path).text == note
+    assert read_note(tmp_path / "missing.png") == {}
+
+
 def test_save_of_an_array_takes_the_size_explicitly(tmp_path: Path) -> None:
     path = tmp_path / "small.png"
     imageio.save(photo(86, 57), path, source_size=(341, 227), scale=4)
