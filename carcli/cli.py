@@ -839,3 +839,9 @@ def _readable_metavar(param: Any) -> Any:
 def main() -> None:
     """Console-script entry point (``car``)."""
     readable_help(typer.main.get_command(app))()
+
+
+# `car batch`: the commands above on a Ray cluster (carcli.distributed; needs carcli[ray]).
+from carcli.distributed.commands import batch  # noqa: E402
+
+app.command("batch")(batch)

@@ -1,0 +1,193 @@
+"""``car batch ACTION INPUT [OUTPUT]``: car downscale / upscale / roundtrip on a Ray cluster.
+
+The options, checks, outputs, exit codes and ``--json`` reports are the local
+commands'; only the engine differs (:mod:`carcli.distributed.ray_batch`).
+INPUT and OUTPUT may be local paths or filesystem URIs (``s3://bucket/photos``).
+Import :mod:`carcli.cli` rather than this module first: it registers the command.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# The local commands' option types and helpers (carcli.cli registers this command at its end).
+from carcli.cli import (
+    LOSSY_REFUSED,
+    DeviceOpt,
+    JsonOpt,
+    LRFormat,
+    OverwriteOpt,
+    Precision,
+    PrecisionOpt,
+    QualityOpt,
+    QuietOpt,
+    RecursiveOpt,
+    RefineOpt,
+    RefineRangeOpt,
+    Scale,
+    ScaleOpt,
+    TileOpt,
+    WeightsOpt,
+    _batch_json,
+    _exit,
+    _user_errors,
+    _write_json,
+)
+from carcli.defaults import REFINE_MAX_CHANGE
+
+
+class Action(str, Enum):
+    downscale = "downscale"
+    upscale = "upscale"
+    roundtrip = "roundtrip"
+
+
+def batch(
+    action: Annotated[Action, typer.Argument(help="downscale, upscale or roundtrip.")],
+    input: Annotated[
+        str,
+        typer.Argument(
+            help="An image, a folder, or a URI pyarrow reads (s3://, gs://, hdfs://, file://).",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        str | None,
+        typer.Argument(
+            help=(
+                "Output folder or URI (a file name for one input file). roundtrip: optional; "
+                "writes OUTPUT/lr/ and OUTPUT/sr/ as its --output does."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            "--address",
+            help=(
+                "Ray cluster: auto (the running one), ray://HOST:10001, or local (a new "
+                "instance on this machine). Default: $RAY_ADDRESS, else a new local instance."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Actors, each holding one model. Default: one per GPU in the cluster, else "
+            "one per --threads CPUs.",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Files per actor call (the retry unit).")
+    ] = 8,
+    scale: ScaleOpt = Scale.x4,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    recursive: RecursiveOpt = False,
+    overwrite: OverwriteOpt = False,
+    fmt: Annotated[
+        LRFormat | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="downscale/upscale: png (default), webp or jpg.",
+            show_default=False,
+        ),
+    ] = None,
+    allow_lossy: Annotated[
+        bool, typer.Option("--allow-lossy", help="Permit downscaling to --format jpg.")
+    ] = False,
+    quality: QualityOpt = 95,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="roundtrip: also write OUTPUT/compare/ panels.")
+    ] = False,
+    refine: RefineOpt = 0,
+    refine_range: RefineRangeOpt = REFINE_MAX_CHANGE,
+    tile: TileOpt = None,
+    precision: PrecisionOpt = Precision.auto,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads per actor (default 1 on CPUs).",
+            show_default=False,
+        ),
+    ] = None,
+    quiet: QuietOpt = False,
+    json_file: JsonOpt = None,
+) -> None:
+    """Run downscale, upscale or roundtrip on a Ray cluster (needs Ray: the ray extra).
+
+    Same outputs and reports as the local commands, file for file; a pool of
+    actors loads the model once each (one GPU each when the cluster has GPUs).
+    A failed job resumes when run again: finished outputs are skipped.
+    """
+    from carcli.console import ConsoleReporter, roundtrip_table, stdout_console
+    from carcli.distributed.ray_batch import require_ray, run_on_ray
+    from carcli.imageio import FORMATS
+    from carcli.pipeline import UsageError, roundtrip_report
+
+    with _user_errors():
+        require_ray()
+        spec = _spec(action.value, input, output, fmt.value if fmt else None, recursive)
+        if spec.action == "downscale" and not FORMATS[spec.fmt][1] and not allow_lossy:
+            raise UsageError(LOSSY_REFUSED.format(fmt=spec.fmt.upper()))
+        if compare and (spec.action != "roundtrip" or output is None):
+            raise UsageError("--compare is for roundtrip with an OUTPUT folder")
+        spec.scale, spec.weights, spec.device = int(scale.value), weights and str(weights), device
+        spec.precision, spec.tile, spec.threads = precision.value, tile, threads
+        spec.refine, spec.refine_range, spec.quality = refine, refine_range, quality
+        spec.compare, spec.overwrite = compare, overwrite
+        reporter = ConsoleReporter(quiet=quiet)
+        outcomes = run_on_ray(spec, reporter, recursive, address, workers, batch_size)
+    if spec.action != "roundtrip":
+        data = _batch_json(spec.action, scale, outcomes)
+        _exit(outcomes, _write_json(json_file, data))
+    report = roundtrip_report(outcomes, spec.scale)
+    if refine:
+        report["refine"] = {"steps": refine, "range": refine_range}
+    if not quiet and report["count"]:
+        records = [o.record for o in outcomes if o.status == "ok"]
+        stdout_console().print(roundtrip_table(records, report))
+    _exit(outcomes, _write_json(json_file, report))
+
+
+def _spec(action: str, source: str, output: str | None, fmt: str | None, recursive: bool):  # noqa: ANN202
+    """The job's inputs and outputs, checked as the local commands check them."""
+    from carcli.distributed.ray_batch import JobSpec, is_uri
+    from carcli.pipeline import UsageError, check_paths, output_target
+
+    if output is None and action != "roundtrip":
+        raise UsageError(f"{action} needs an OUTPUT folder or URI")
+    spec = JobSpec(action, source, output, fmt=fmt or "png")
+    if is_uri(source) or (output is not None and is_uri(output)):
+        if output is not None and output.rstrip("/") == source.rstrip("/"):
+            raise UsageError(
+                "OUTPUT is the same as INPUT; choose another OUTPUT (inputs are never overwritten)"
+            )
+        return spec
+    src = Path(source)
+    if not src.exists():
+        raise UsageError(f"{source}: no such file or folder")
+    if output is None:
+        return spec
+    check_paths(src, Path(output), recursive)
+    if action == "roundtrip":
+        if Path(output).exists() and not Path(output).is_dir():
+            raise UsageError(f"OUTPUT must be a folder for roundtrip, but {output} is a file")
+        return spec
+    out_dir, out_file, spec.fmt = output_target(src, Path(output), fmt)
+    if out_file is not None:
+        spec.output, spec.out_file = None, str(out_file)
+    return spec
