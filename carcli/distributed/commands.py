@@ -135,8 +135,9 @@ def batch(
     """
     from carcli.console import ConsoleReporter, roundtrip_table, stdout_console
     from carcli.distributed.ray_batch import require_ray, run_on_ray
+    from carcli.errors import UsageError
+    from carcli.evaluation import roundtrip_report
     from carcli.imageio import FORMATS
-    from carcli.pipeline import UsageError, roundtrip_report
 
     with _user_errors():
         require_ray()
@@ -166,7 +167,8 @@ def batch(
 def _spec(action: str, source: str, output: str | None, fmt: str | None, recursive: bool):  # noqa: ANN202
     """The job's inputs and outputs, checked as the local commands check them."""
     from carcli.distributed.ray_batch import JobSpec, is_uri
-    from carcli.pipeline import UsageError, check_paths, output_target
+    from carcli.errors import UsageError
+    from carcli.paths import check_paths, output_target
 
     if output is None and action != "roundtrip":
         raise UsageError(f"{action} needs an OUTPUT folder or URI")

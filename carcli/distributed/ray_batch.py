@@ -2,12 +2,12 @@
 
 The driver lists the inputs (a local folder or any URI pyarrow reads: ``s3://``,
 ``gs://``, ``hdfs://``, ``file://``), plans the outputs exactly as the local
-commands do (:func:`carcli.pipeline.make_items`: name clashes and outputs that
+commands do (:func:`carcli.batch.make_items`: name clashes and outputs that
 are inputs fail up front; finished outputs are skipped unless ``--overwrite``)
 and hands the rest to Ray Data: ``from_items(...).map_batches(_Worker, ...)``
 with a pool of actors, each holding one model (one GPU per actor when the
 cluster has GPUs, else ``threads`` CPU threads). Inside an actor a batch of
-files goes through the same :func:`carcli.pipeline.run_batch` as on one
+files goes through the same :func:`carcli.batch.run_batch` as on one
 machine (decode ahead and encode behind the networks in background threads,
 atomic writes, one error per bad file), so the results are the same bytes.
 
@@ -31,22 +31,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from carcli.imageio import decode_image, is_image_path
-from carcli.pipeline import (
-    DownscaleTask,
+from carcli.batch import (
     Item,
     Outcome,
-    Processor,
     Reporter,
-    RoundtripTask,
     Summary,
     Task,
-    UpscaleTask,
-    UsageError,
     make_items,
     run_batch,
     summarize,
 )
+from carcli.engine import Processor
+from carcli.errors import UsageError
+from carcli.imageio import decode_image, is_image_path
+from carcli.tasks import DownscaleTask, RoundtripTask, UpscaleTask
 
 INSTALL_HINT = "Ray is not installed: pip install 'carcli[ray]' (or pip install 'ray[data]')"
 ACTIONS = ("downscale", "upscale", "roundtrip")
@@ -114,7 +112,7 @@ class Store:
     def list_images(self, recursive: bool) -> list[tuple[Path, Path]]:
         """(file, path relative to the root) of every image, in a stable order."""
         if not self.remote:
-            from carcli.pipeline import collect_inputs
+            from carcli.paths import collect_inputs
 
             return collect_inputs(Path(self.root), recursive)
         from pyarrow import fs as pafs
@@ -299,8 +297,7 @@ class _ActorTask(Task):
 def build_processor(spec: JobSpec) -> Processor:
     """The model on this actor's device, tuned as the local commands tune it."""
     from carcli.checkpoints import load_model
-    from carcli.pipeline import resolve_device
-    from carcli.tiling import set_cpu_threads
+    from carcli.runpolicy import resolve_device, set_cpu_threads
 
     device = resolve_device(spec.device)
     if device.type == "cpu":  # the actor's share of the node: its --threads CPUs
