@@ -1,4 +1,6 @@
-"""carcli beyond one process: batch jobs on Ray (:mod:`.ray_batch`), DDP training (:mod:`.ddp`).
+"""carcli beyond one process: batch jobs on Ray (:mod:`.ray_batch`).
 
-Both engines are optional: Ray is the extra ``carcli[ray]``; DDP needs only torch and ``torchrun``.
+Training on many processes (DDP under torchrun) lives in :mod:`carcli.train.ddp`.
+
+Ray is the optional extra ``carcli[ray]``; DDP needs only torch and ``torchrun``.
 """

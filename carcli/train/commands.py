@@ -209,6 +209,7 @@ def train(
     from carcli.errors import UsageError
     from carcli.models import PRESETS
     from carcli.runpolicy import resolve_device
+    from carcli.train import ddp
     from carcli.train.progress import make_display
     from carcli.train.trainer import (
         STATE_NAME,
@@ -223,7 +224,9 @@ def train(
         raise typer.BadParameter(f"--config must be one of {', '.join(PRESETS)}")
     with _setup_errors():
         budget = parse_duration(time_budget) if time_budget else None
-        dev = resolve_device(device)
+        # Under torchrun: join the ranks (one GPU each); rank 0 alone talks, validates, saves.
+        ranks, dev = ddp.setup(resolve_device(device))
+        quiet = quiet or not ranks.main
         state = run / STATE_NAME
         if resume:
             if not state.exists():
@@ -260,7 +263,9 @@ def train(
         _check_folders(run, cfg)
         evaluator = make_evaluator([Path(v) for v in cfg.val], dev) if cfg.val else None
         display = make_display(quiet)
-        trainer = Trainer(cfg, run, dev, evaluate=evaluator, quiet=quiet, display=display)
+        trainer = Trainer(
+            cfg, run, dev, evaluate=evaluator, quiet=quiet, display=display, ranks=ranks
+        )
         if resume:
             trainer.load_state()
     # Ctrl-C or `kill` (SIGTERM): finish the current step, save the state, stop.
@@ -272,6 +277,8 @@ def train(
         saved = f"; state saved at step {trainer.step} (--resume continues)" if trainer.step else ""
         typer.echo(f"error: {exc}{saved}", err=True)
         raise typer.Exit(1) from None
+    finally:
+        ddp.teardown()
     if trainer.stop_requested:
         print(f"interrupted: state saved at step {trainer.step}", file=sys.stderr)
         raise typer.Exit(130)

@@ -22,6 +22,7 @@ from carcli.models.precision import autocast
 from carcli.models.quantize import QUANT_GRADIENTS, quantize_for_training
 from carcli.ops import resample
 from carcli.runpolicy import PrecisionError, training_channels_last, training_precision
+from carcli.train import ddp
 from carcli.train.data import PatchSampler
 from carcli.train.losses import offset_loss, tv_loss
 from carcli.train.progress import TrainDisplay, status_line
@@ -269,10 +270,12 @@ class Trainer:
         evaluate: Callable[[CARModel], dict] | None = None,
         quiet: bool = False,
         display: TrainDisplay | None = None,
+        ranks: ddp.Ranks | None = None,
     ) -> None:
         cfg.check()
         cfg = cfg.resolved(device)
         self.cfg = cfg
+        self.ranks = ranks or ddp.Ranks()  # torchrun: see carcli.train.ddp for the rules
         self.run_dir = run_dir
         self.device = device
         self.evaluate = evaluate
@@ -305,7 +308,18 @@ class Trainer:
             params, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
         self.sampler = PatchSampler(
-            [Path(d) for d in cfg.data], cfg.patch, seed=cfg.seed, quiet=quiet
+            [Path(d) for d in cfg.data],
+            cfg.patch,
+            seed=ddp.rank_seed(cfg.seed, self.ranks.rank),
+            quiet=quiet,
+        )
+        self.next_batch: Callable[[int], torch.Tensor] = self.sampler.batch  # tests feed patches
+        self.losses = ddp.wrap(
+            lambda hr, freeze: training_losses(self.model, hr, cfg, device, freeze),
+            self.model,
+            self.ranks,
+            device,
+            unused_parameters=cfg.sr_pretrain > 0,
         )
         self.step = 0
         self.elapsed = 0.0  # training seconds over all invocations
@@ -349,11 +363,21 @@ class Trainer:
             "rng": torch.get_rng_state(),
         }
 
-    def save_state(self) -> None:
+    def save_state(self, gather: bool = True) -> None:
+        """Rank 0 writes. With ``gather``, every rank must call it (the ranks' samplers are
+        collected); without, rank 0 saves alone (after a failure) and a resume re-seeds."""
+        if gather:
+            samplers = ddp.gather(self.sampler.state_dict(), self.ranks)
+        else:  # rank 0's own stream, when it is the only one
+            samplers = [self.sampler.state_dict()] if self.ranks.world == 1 else []
+        if not self.ranks.main:
+            return
+        state = self.state_dict()
+        state["samplers"], state["ranks"] = samplers, self.ranks.world
         path = self.run_dir / STATE_NAME
         tmp = path.with_suffix(".tmp")
         try:
-            torch.save(self.state_dict(), tmp)
+            torch.save(state, tmp)
             tmp.replace(path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # never a half-written state next to the good one
@@ -368,7 +392,12 @@ class Trainer:
             if self.ema is not None and state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.sampler.load_state_dict(state["sampler"])
+            samplers = state.get("samplers") or [state["sampler"]]
+            if len(samplers) == self.ranks.world:  # each rank continues its own patch stream
+                self.sampler.load_state_dict(samplers[self.ranks.rank])
+            else:  # another number of ranks: fresh streams, reproducible from (seed, rank, step)
+                seed = ddp.rank_seed(self.cfg.seed, self.ranks.rank, int(state["step"]))
+                self.sampler.generator.manual_seed(seed)
             torch.set_rng_state(state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -383,6 +412,8 @@ class Trainer:
         self.display.say(msg)
 
     def _log(self, record: dict) -> None:
+        if not self.ranks.main:
+            return
         with open(self.run_dir / LOG_NAME, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -397,14 +428,14 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        hr = self.sampler.batch(cfg.batch).to(self.device)
+        hr = self.next_batch(cfg.batch).to(self.device)
         if cfg.channels_last:
             hr = hr.contiguous(memory_format=torch.channels_last)
         lr = lr_at(cfg, self.step, self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         pretraining = self.step < cfg.sr_pretrain  # Adam skips the resampler (no gradients)
-        losses = training_losses(self.model, hr, cfg, self.device, freeze_resampler=pretraining)
+        losses = self.losses(hr, pretraining)  # through DDP under torchrun
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if cfg.grad_clip > 0:
@@ -424,7 +455,7 @@ class Trainer:
         return self.ema if self.ema is not None else self.model
 
     def validate(self) -> dict | None:
-        if self.evaluate is None:
+        if self.evaluate is None or not self.ranks.main:
             return None
         model = self.eval_model()
         was_training = model.training
@@ -460,9 +491,11 @@ class Trainer:
         return record
 
     def export(self, path: Path, report: dict | None = None) -> None:
-        """Inference checkpoint (EMA weights if any) with the recipe and metrics."""
+        """Inference checkpoint (EMA weights if any) with the recipe and metrics (rank 0)."""
         from carcli.checkpoints import save_checkpoint
 
+        if not self.ranks.main:
+            return
         model = copy.deepcopy(self.eval_model()).to("cpu").to(memory_format=torch.contiguous_format)
         save_checkpoint(model, path, run_metadata(self.cfg, self.step, self.elapsed, model, report))
 
@@ -475,6 +508,12 @@ class Trainer:
             f"training {cfg.config} {cfg.scale}x from step {self.step}: "
             f"{len(self.sampler.images)} images ({self.sampler.pixels / 1e6:.1f} MP), "
             f"batch {cfg.batch} x {cfg.patch}px, {cfg.precision}"
+            + (
+                f"; {self.ranks.world} ranks: effective batch {cfg.batch * self.ranks.world}, "
+                f"lr {cfg.lr:g} as given"
+                if self.ranks.distributed
+                else ""
+            )
         )
         self.display.start(f"{cfg.scale}x {cfg.config}", total=1.0, completed=self.progress())
         first_step = self.step
@@ -486,7 +525,7 @@ class Trainer:
             # A failed validation, a full disk, any surprise: the steps trained so far
             # are saved first (when that is possible), so --resume can continue.
             with contextlib.suppress(Exception):
-                self.save_state()
+                self.save_state(gather=False)  # the other ranks may be gone: no collective
             raise
         finally:
             self.display.stop()
@@ -509,13 +548,20 @@ class Trainer:
             t0 = time.monotonic()
             losses = self.train_step()
             seconds = time.monotonic() - t0
-            self.elapsed += seconds
+            save_due = time.monotonic() - last_save >= cfg.checkpoint_minutes * 60
+            # One all-reduce under torchrun: every rank takes the same clock (the slowest
+            # rank's), stops and saves together.
+            self.elapsed, stop, save_due = ddp.agree(
+                [self.elapsed + seconds, self.stop_requested, save_due], self.ranks, self.device
+            )
+            self.stop_requested = bool(stop)
             window.append(losses["l1"])
             smooth_l1 = _smooth(smooth_l1, losses["l1"], 0.02)
-            smooth_rate = _smooth(smooth_rate, cfg.batch / max(seconds, 1e-9), 0.1)
+            patches = cfg.batch * self.ranks.world  # the effective batch
+            smooth_rate = _smooth(smooth_rate, patches / max(seconds, 1e-9), 0.1)
             if self.step % cfg.log_every == 0:
                 now = time.monotonic()
-                rate = cfg.log_every * cfg.batch / max(now - window_t, 1e-9)
+                rate = cfg.log_every * patches / max(now - window_t, 1e-9)
                 record = {"event": "train", "step": self.step, "elapsed": round(self.elapsed, 1)}
                 record.update({k: round(v, 6) for k, v in losses.items()})
                 record["l1_avg"] = round(float(np.mean(window)), 6)
@@ -528,7 +574,7 @@ class Trainer:
                 self.progress(),
                 status_line(self.step, smooth_l1, losses["lr"], smooth_rate, self.best_psnr),
             )
-            if time.monotonic() - last_save >= cfg.checkpoint_minutes * 60:
+            if save_due:
                 self.save_state()
                 last_save = time.monotonic()
         unscored = validation_at(self.history, self.step) is None
