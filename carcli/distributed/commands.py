@@ -30,9 +30,10 @@ from carcli.cli import (
     RefineRangeOpt,
     Scale,
     ScaleOpt,
+    SuffixOpt,
     TileOpt,
     WeightsOpt,
-    _batch_json,
+    _check_suffix,
     _exit,
     _user_errors,
     _write_json,
@@ -95,6 +96,7 @@ def batch(
     device: DeviceOpt = "auto",
     recursive: RecursiveOpt = False,
     overwrite: OverwriteOpt = False,
+    suffix: SuffixOpt = "",
     fmt: Annotated[
         LRFormat | None,
         typer.Option(
@@ -133,14 +135,18 @@ def batch(
     actors loads the model once each (one GPU each when the cluster has GPUs).
     A failed job resumes when run again: finished outputs are skipped.
     """
+    import time
+
     from carcli.console import ConsoleReporter, roundtrip_table, stdout_console
-    from carcli.distributed.ray_batch import require_ray, run_on_ray
+    from carcli.distributed.ray_batch import Engine, require_ray, run_on_ray
     from carcli.errors import UsageError
     from carcli.evaluation import roundtrip_report
-    from carcli.imageio import FORMATS
+    from carcli.formats import FORMATS
 
+    started = time.perf_counter()
     with _user_errors():
         require_ray()
+        _check_suffix(suffix)
         spec = _spec(action.value, input, output, fmt.value if fmt else None, recursive)
         if spec.action == "downscale" and not FORMATS[spec.fmt][1] and not allow_lossy:
             raise UsageError(LOSSY_REFUSED.format(fmt=spec.fmt.upper()))
@@ -149,19 +155,39 @@ def batch(
         spec.scale, spec.weights, spec.device = int(scale.value), weights and str(weights), device
         spec.precision, spec.tile, spec.threads = precision.value, tile, threads
         spec.refine, spec.refine_range, spec.quality = refine, refine_range, quality
-        spec.compare, spec.overwrite = compare, overwrite
+        spec.compare, spec.overwrite, spec.suffix = compare, overwrite, suffix
+        engine = Engine()
         reporter = ConsoleReporter(quiet=quiet)
-        outcomes = run_on_ray(spec, reporter, recursive, address, workers, batch_size)
-    if spec.action != "roundtrip":
-        data = _batch_json(spec.action, scale, outcomes)
-        _exit(outcomes, _write_json(json_file, data))
-    report = roundtrip_report(outcomes, spec.scale)
-    if refine:
-        report["refine"] = {"steps": refine, "range": refine_range}
-    if not quiet and report["count"]:
+        outcomes = run_on_ray(spec, reporter, recursive, address, workers, batch_size, engine)
+    extra: dict = {}
+    means: dict = {}
+    if spec.action == "roundtrip":
+        means = roundtrip_report(outcomes, spec.scale)
+        extra = {k: means[k] for k in ("psnr", "ssim", "baselines") if k in means}
+        if refine:
+            extra["refine"] = {"steps": refine, "range": refine_range}
+    report = _report(spec, input, output, engine, outcomes, time.perf_counter() - started, extra)
+    if spec.action == "roundtrip" and not quiet and report["count"]:
         records = [o.record for o in outcomes if o.status == "ok"]
-        stdout_console().print(roundtrip_table(records, report))
+        stdout_console().print(roundtrip_table(records, means))
     _exit(outcomes, _write_json(json_file, report))
+
+
+def _report(spec, input: str, output: str | None, engine, outcomes, seconds: float, extra: dict):  # noqa: ANN001, ANN202
+    """The local commands' ``--json`` report (carcli-report/1), with the actors' engine."""
+    from carcli.report import ModelInfo, RunInfo, build_report
+
+    run = RunInfo(
+        command=spec.action,
+        input=input,
+        output=output,
+        device=engine.device,
+        precision=engine.precision,
+        models=[ModelInfo(spec.scale, [Path(p) for p in engine.weights])] if engine.weights else [],
+        scale=spec.scale,
+        seconds=seconds,
+    )
+    return build_report(run, outcomes, extra)
 
 
 def _spec(action: str, source: str, output: str | None, fmt: str | None, recursive: bool):  # noqa: ANN202

@@ -165,6 +165,7 @@ class JobSpec:
     refine_range: int = 4
     fmt: str = "png"
     quality: int = 95
+    suffix: str = ""  # added to output names (--suffix)
     out_file: str | None = None  # downscale/upscale of one file to a named file
     compare: bool = False
     overwrite: bool = False
@@ -175,11 +176,25 @@ class JobSpec:
         """The local command's task (``processor`` None: for planning on the driver)."""
         out = _task_path(self.output)
         if self.action == "roundtrip":
-            return RoundtripTask(processor, out, compare=self.compare, overwrite=self.overwrite)  # type: ignore[arg-type]
+            return RoundtripTask(
+                processor,  # type: ignore[arg-type]
+                out,
+                compare=self.compare,
+                overwrite=self.overwrite,
+                suffix=self.suffix,
+            )
         cls = DownscaleTask if self.action == "downscale" else UpscaleTask
         out_file = _task_path(self.out_file)
         out_dir = None if out_file is not None else out
-        return cls(processor, out_dir, out_file, self.fmt, self.quality, self.overwrite)  # type: ignore[arg-type]
+        return cls(
+            processor,  # type: ignore[arg-type]
+            out_dir,
+            out_file,
+            self.fmt,
+            self.quality,
+            self.overwrite,
+            suffix=self.suffix,
+        )
 
 
 def _task_path(location: str | None) -> Path | None:
@@ -294,9 +309,9 @@ class _ActorTask(Task):
             os._exit(1)  # as a killed process: no cleanup, no reply to the driver
 
 
-def build_processor(spec: JobSpec) -> Processor:
-    """The model on this actor's device, tuned as the local commands tune it."""
-    from carcli.checkpoints import load_model
+def build_processor(spec: JobSpec) -> tuple[Processor, list[str]]:
+    """The model on this actor's device, tuned as the local commands tune it; its files."""
+    from carcli.checkpoints import load_model, weights_files
     from carcli.runpolicy import resolve_device, set_cpu_threads
 
     device = resolve_device(spec.device)
@@ -305,7 +320,7 @@ def build_processor(spec: JobSpec) -> Processor:
     elif spec.threads is not None:
         set_cpu_threads(spec.threads)
     weights = Path(spec.weights) if spec.weights else None
-    model, _ = load_model(weights, spec.scale, device)
+    model, meta = load_model(weights, spec.scale, device)
     processor = Processor(
         model,
         device,
@@ -317,7 +332,7 @@ def build_processor(spec: JobSpec) -> Processor:
     )
     if spec.action == "roundtrip" and spec.tile is not None:  # HR pixels, as `car roundtrip`
         processor.down_tile = max(1, spec.tile // processor.scale)
-    return processor
+    return processor, [str(p) for p in weights_files(weights, spec.scale, meta)]
 
 
 class _Worker:
@@ -331,7 +346,13 @@ class _Worker:
     SPEC: JobSpec
 
     def __init__(self) -> None:
-        self.task = _ActorTask(self.SPEC.task(build_processor(self.SPEC)), self.SPEC)
+        processor, files = build_processor(self.SPEC)
+        self.task = _ActorTask(self.SPEC.task(processor), self.SPEC)
+        self.engine = {
+            "device": str(processor.device),
+            "precision": processor.precision,
+            "weights": files,
+        }
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         items = [
@@ -347,6 +368,7 @@ class _Worker:
                 "seconds": outcome.seconds,
                 "notes": collector.notes if i == 0 else [],
                 "warnings": collector.warnings.get(outcome.item.rel, []),
+                "engine": self.engine if i == 0 else None,
             }
             rows["index"].append(int(index))
             rows["status"].append(outcome.status)
@@ -411,6 +433,15 @@ def plan(spec: JobSpec, recursive: bool) -> tuple[list[Item], set[int]]:
     return items, done
 
 
+@dataclass
+class Engine:
+    """What ran the job, as the actors report it (for the ``--json`` report)."""
+
+    device: str = "none"
+    precision: str = "none"
+    weights: list[str] = field(default_factory=list)
+
+
 def run_on_ray(
     spec: JobSpec,
     reporter: Reporter,
@@ -418,8 +449,12 @@ def run_on_ray(
     address: str | None = None,
     workers: int | None = None,
     batch_size: int = 8,
+    engine: Engine | None = None,
 ) -> list[Outcome]:
-    """Run the job on the cluster; outcomes in input order, as :func:`run_batch` returns them."""
+    """Run the job on the cluster; outcomes in input order, as :func:`run_batch` returns them.
+
+    ``engine`` is filled in with the device, precision and weights files the actors used.
+    """
     ray = connect(address)
     start = time.perf_counter()
     spec = replace(spec, started=time.time())
@@ -435,7 +470,8 @@ def run_on_ray(
     try:
         if todo:
             jobs = {i: items[i] for i in todo}
-            for outcome, index in _execute(ray, spec, jobs, count, gpu, batch_size, reporter):
+            runs = _execute(ray, spec, jobs, count, gpu, batch_size, reporter, engine or Engine())
+            for outcome, index in runs:
                 outcomes[index] = outcome
     finally:
         ordered = [outcomes[i] for i in sorted(outcomes)]
@@ -451,6 +487,7 @@ def _execute(
     gpu: bool,
     batch_size: int,
     reporter: Reporter,
+    engine: Engine,
 ) -> Any:
     """Yield (outcome, input index) as the actors finish them; ``todo``: index -> item."""
     import logging
@@ -501,6 +538,12 @@ def _execute(
             pixels=int(extra["pixels"]),
             seconds=float(extra["seconds"]),
         )
+        if extra["engine"]:
+            engine.device, engine.precision = (
+                extra["engine"]["device"],
+                extra["engine"]["precision"],
+            )
+            engine.weights = extra["engine"]["weights"]
         for message in extra["notes"]:
             reporter.note(message)
         for message in extra["warnings"]:
