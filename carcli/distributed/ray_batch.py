@@ -310,26 +310,18 @@ class _ActorTask(Task):
 
 
 def build_processor(spec: JobSpec) -> tuple[Processor, list[str]]:
-    """The model on this actor's device, tuned as the local commands tune it; its files."""
+    """The model on this actor's device, run as the local commands run it; its files."""
     from carcli.checkpoints import load_model, weights_files
-    from carcli.runpolicy import resolve_device, set_cpu_threads
+    from carcli.engine import build_processor as local_processor
+    from carcli.runpolicy import RunPolicy, resolve_device
 
     device = resolve_device(spec.device)
-    if device.type == "cpu":  # the actor's share of the node: its --threads CPUs
-        set_cpu_threads(spec.threads or 1)
-    elif spec.threads is not None:
-        set_cpu_threads(spec.threads)
+    # On a CPU the actor's share of the node is its --threads CPUs (Ray reserved them).
+    threads: int | str = spec.threads or (1 if device.type == "cpu" else "auto")
+    policy = RunPolicy(device, spec.precision, spec.tile, threads)
     weights = Path(spec.weights) if spec.weights else None
     model, meta = load_model(weights, spec.scale, device)
-    processor = Processor(
-        model,
-        device,
-        spec.precision,
-        tile=spec.tile,
-        channels_last=True,
-        refine=spec.refine,
-        refine_max_change=spec.refine_range,
-    )
+    processor = local_processor(model, policy, spec.refine, spec.refine_range)
     if spec.action == "roundtrip" and spec.tile is not None:  # HR pixels, as `car roundtrip`
         processor.down_tile = max(1, spec.tile // processor.scale)
     return processor, [str(p) for p in weights_files(weights, spec.scale, meta)]
