@@ -581,14 +581,16 @@ def installed_weights() -> list[dict]:
     if not folder.is_dir():
         return []
     found = []
-    for path in sorted(folder.glob("car_x*.safetensors")):
-        entry: dict[str, Any] = {"path": path, "size": path.stat().st_size}
+    paths = [*folder.glob("car_x*.safetensors"), *folder.glob("car_generic_x*.safetensors")]
+    for path in sorted(paths):
+        role = "generic" if path.name.startswith("car_generic_") else "pair"
+        entry: dict[str, Any] = {"path": path, "size": path.stat().st_size, "role": role}
         try:  # the digest identifies the exact file in reports and bug reports
             entry["sha256"] = file_digest(path)
         except OSError as exc:
             entry["sha256"] = None
             entry["error"] = f"cannot read {path}: {exc.strerror or exc}"
-        match = re.fullmatch(r"car_x(\d+)\.safetensors", path.name)
+        match = re.fullmatch(r"car_(?:generic_)?x(\d+)\.safetensors", path.name)
         scale = int(match.group(1)) if match else None
         try:
             meta = read_metadata(path)

@@ -86,6 +86,7 @@ def gather() -> dict[str, Any]:
         weights.append(
             {
                 "scale": entry.get("scale"),
+                "role": entry.get("role", "pair"),  # generic: the upscaler for foreign images
                 "file": str(entry["path"]),
                 "bytes": entry.get("size"),
                 "sha256": entry.get("sha256"),

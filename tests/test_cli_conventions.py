@@ -191,7 +191,9 @@ def _generic(folder: Path, role: str | None = "generic-sr", scale: int = 4) -> P
     return path
 
 
-def test_upscale_uses_an_installed_generic_upscaler(tmp_path: Path, tiny_weights: Path) -> None:
+def test_upscale_uses_an_installed_generic_upscaler(
+    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     weights = tmp_path / "weights"
     shutil.copytree(tiny_weights, weights)
     src = folder(tmp_path / "src", {"photo.png": (20, 16)})
@@ -218,6 +220,14 @@ def test_upscale_uses_an_installed_generic_upscaler(tmp_path: Path, tiny_weights
     assert pair.shape == gen.shape == (80, 64, 3) and not np.array_equal(pair, gen)
     ours = [np.asarray(Image.open(tmp_path / d / "ours.png")) for d in ("pair", "gen")]
     np.testing.assert_array_equal(*ours)  # carcli's own LR still goes through the pair
+
+    monkeypatch.setenv("CARCLI_WEIGHTS", str(weights))
+    assert car("info", "--json", tmp_path / "info.json").exit_code == 0
+    listed = json.loads((tmp_path / "info.json").read_text())["weights"]
+    assert {(Path(w["file"]).name, w["role"]) for w in listed} >= {
+        ("car_generic_x4.safetensors", "generic"),
+        ("car_x4.safetensors", "pair"),
+    }
 
     _generic(weights, role=None)  # a file with the name but not the marking
     result = car("upscale", mixed, tmp_path / "bad", "-w", weights)
