@@ -611,18 +611,23 @@ def upscale(
 
         from carcli.tasks import UpscaleTask
 
-        processors, outcomes = [], []
+        # One model per (scale, generic file or None); all loaded before any image is
+        # written, so a bad checkpoint stops the run before it half-happens.
+        order = {rel.as_posix(): i for i, (_, rel) in enumerate(inputs)}
+        runs: dict[tuple[int, Path | None], list[tuple[Path, Path]]] = {}
         for (s, made_by_car), members in groups.items():
-            use_generic = None if made_by_car else generic.get(s)
-            processor, info = _processor(
-                weights, s, device, precision, tile, threads, generic=use_generic
-            )
-            processors.append((processor, info))
+            runs.setdefault((s, None if made_by_car else generic.get(s)), []).extend(members)
+        loaded = {
+            key: _processor(weights, key[0], device, precision, tile, threads, generic=key[1])
+            for key in runs
+        }
+        processors, outcomes = list(loaded.values()), []
+        for key, members in runs.items():
+            members.sort(key=lambda m: order[m[1].as_posix()])
             task = UpscaleTask(
-                processor, out_dir, out_file, fmt_name, quality, overwrite, suffix=suffix
+                loaded[key][0], out_dir, out_file, fmt_name, quality, overwrite, suffix=suffix
             )
             outcomes += _run(task, members, quiet)
-    order = {rel.as_posix(): i for i, (_, rel) in enumerate(inputs)}
     outcomes.sort(key=lambda o: order.get(o.item.rel, 0))
     report = _report("upscale", input, output, processors, outcomes, started)
     _exit(outcomes, _write_json(json_file, report))

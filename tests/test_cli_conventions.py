@@ -203,8 +203,10 @@ def test_upscale_uses_an_installed_generic_upscaler(
     shutil.copy(tmp_path / "lr" / "photo.png", mixed / "ours.png")
     shutil.copy(src / "photo.png", mixed / "theirs.png")
 
-    plain = car("upscale", mixed, tmp_path / "pair", "-w", weights)
+    plain = car("upscale", mixed, tmp_path / "pair", "-w", weights, "--json", tmp_path / "p.json")
     assert plain.exit_code == 0
+    # Without a generic upscaler both images go through the one pair model: one entry.
+    assert len(json.loads((tmp_path / "p.json").read_text())["models"]) == 1
     generic = _generic(weights)
     result = car("upscale", mixed, tmp_path / "gen", "-w", weights, "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
@@ -232,6 +234,7 @@ def test_upscale_uses_an_installed_generic_upscaler(
     _generic(weights, role=None)  # a file with the name but not the marking
     result = car("upscale", mixed, tmp_path / "bad", "-w", weights)
     assert result.exit_code == 2 and 'lacks "role": "generic-sr"' in result.stderr
+    assert not (tmp_path / "bad").exists()  # refused before any image was written
 
 
 # --------------------------------------------------------------------------- stdin / stdout
