@@ -803,6 +803,79 @@ def info(json_file: JsonOpt = None) -> None:
         raise typer.Exit(1)
 
 
+@app.command("export-onnx")
+def export_onnx(
+    output: Annotated[
+        Path,
+        typer.Argument(help="Folder for car_xS_sr.onnx and car_xS_resampler_T.onnx."),
+    ],
+    scale: ScaleOpt = Scale.x4,
+    weights: WeightsOpt = None,
+    tile: Annotated[
+        int,
+        typer.Option(
+            "--tile",
+            help="Side T of the square HR tile the resampler graph takes (multiple of 8).",
+        ),
+    ] = 256,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write both networks as ONNX, checked against ONNX Runtime (needs the onnx extra).
+
+    The SR network takes any N x 3 x H x W (float32 in [0, 1]) and returns the image
+    at s times the size, unclamped. The resampler takes one 1 x 3 x T x T tile and
+    returns its 8-bit-grid LR image (its sampling grid depends on the input size, so
+    it is exported at a fixed size). See the docstring of carcli.export_onnx.
+    """
+    from carcli.errors import UsageError
+
+    with _user_errors():
+        from carcli import export_onnx as onnx_export
+
+        s = int(scale.value)
+        try:
+            onnx_export.check_tile(tile, s)
+        except onnx_export.OnnxExportError as exc:
+            raise UsageError(str(exc)) from None
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"{output}: exists and is not a folder")
+        existing = [p for p in onnx_export.output_paths(output, s, tile) if p.exists()]
+        if existing and not overwrite:
+            raise UsageError(f"{existing[0]}: exists (use --overwrite to replace it)")
+        from carcli.checkpoints import file_digest, load_model, weights_files
+
+        model, meta = load_model(weights, s, "cpu")
+        files = weights_files(weights, s, meta)
+        metadata = {
+            "carcli_version": __version__,
+            "weights": ", ".join(p.name for p in files),
+            "weights_sha256": ", ".join(file_digest(p) for p in files if p.is_file()),
+        }
+        try:
+            results = onnx_export.export_onnx(model, output, tile, metadata)
+        except onnx_export.OnnxExportError as exc:
+            raise UsageError(str(exc)) from None
+    err = stderr_console()
+    for entry in results:
+        line = f"wrote {entry.path} ({entry.network}; input {entry.input_shape})"
+        if entry.max_abs_error is not None:
+            assert entry.mismatch is not None
+            line += (
+                f"; ONNX Runtime vs PyTorch on {entry.checked_shape}: max |diff| "
+                f"{entry.max_abs_error:.2g}, {entry.mismatch:.3%} of samples > 1e-5 apart"
+            )
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+    if not onnx_export.onnxruntime_available():
+        err.print(
+            "note: onnxruntime is not installed, so the graphs were not checked "
+            f"({onnx_export.EXTRA_HINT})",
+            style="cyan",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 # Training has its own package; `car train`, `car export` and `car average` are its entry points.
 app.command("train")(train_commands.train)
 app.command("export")(train_commands.export)
