@@ -500,10 +500,12 @@ def downscale(
     """Downscale with CAR: H x W becomes ceil(H/s) x ceil(W/s), an 8-bit image.
 
     The result is written losslessly (PNG by default). The PNG records the
-    original size and scale in text chunks (carcli:source-size, carcli:scale),
-    so `car upscale` restores exactly the original size. 16-bit inputs are
-    read at full precision; the downscaled image is 8-bit by design. Alpha is
-    resized with bicubic and kept (RGBA PNG).
+    original size and scale in text chunks (carcli:source-size, carcli:scale;
+    XMP in WebP), so `car upscale` restores exactly the original size and
+    scale. 16-bit inputs are read at full precision; the downscaled image is
+    8-bit by design. Alpha is resized with bicubic and kept (RGBA PNG). An
+    embedded colour profile (Display P3, Adobe RGB) is converted to sRGB, the
+    networks' colour space, and outputs are sRGB (a note says so).
     """
     from carcli.errors import UsageError
     from carcli.formats import FORMATS
