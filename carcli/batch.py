@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from carcli.errors import ProcessingError
+from carcli.errors import CarError
 from carcli.formats import is_stdio
 from carcli.imageio import (
-    ImageReadError,
-    ImageWriteError,
     Picture,
     read_image,
 )
@@ -219,10 +217,10 @@ class _Job:
 
 def _failure_message(exc: BaseException) -> str:
     """One line for the user; re-raises unexpected errors when CARCLI_DEBUG is set."""
-    if isinstance(exc, (ImageReadError, ImageWriteError, ProcessingError)):
+    if isinstance(exc, CarError):
         return str(exc)
     if is_oom(exc):
-        return "out of memory (try --tile with a smaller size, or --device cpu)"
+        return "out of memory (try a smaller tile size, or the CPU)"
     if os.environ.get(DEBUG_ENV) or not isinstance(exc, Exception):
         raise exc
     first = (str(exc).strip().splitlines() or [""])[0]

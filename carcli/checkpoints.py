@@ -33,12 +33,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from carcli.bundled import weights_path
+from carcli.defaults import SCALES
+from carcli.errors import NoWeightsInstalled, WeightsError, WeightsWriteError, param
 from carcli.models.car import CARModel
-from carcli.models.config import CARConfig, preset
+from carcli.models.config import CARConfig, check_scale, preset
 
 FORMAT = "carcli-car/1"
 ENV_VAR = "CARCLI_WEIGHTS"
-SCALES = (2, 4)
 OFFICIAL_FILES = ("kgn.pth", "usn.pth")
 # Metadata keys save_checkpoint writes itself; user metadata may repeat them only unchanged.
 RESERVED_KEYS = ("format", "config", "scale")
@@ -47,18 +48,6 @@ KERNEL_HEAD = "kernels_weight.4.weight"
 TAPS_TO_SCALE = {(3 * s + 1) ** 2: s for s in SCALES}
 # How many key names an error message lists before summarising with a count.
 SHOW = 5
-
-
-class WeightsError(Exception):
-    """Weights that cannot be used; the message is one line meant for the user."""
-
-
-class WeightsWriteError(WeightsError):
-    """A checkpoint that could not be written (disk full, read-only folder): not a usage error."""
-
-
-class NoWeightsInstalled(WeightsError):
-    """No shipped weights for the requested scale (the user must pass --weights)."""
 
 
 def shipped_name(scale: int) -> str:
@@ -472,8 +461,8 @@ def load_official(
         raise WeightsError(f"weights folder {folder} does not exist")
     if not folder.is_dir():
         raise WeightsError(f"{folder} is not a folder")
-    if scale is not None and scale not in SCALES:
-        raise WeightsError(f"scale must be 2 or 4, got {scale}")
+    if scale is not None:
+        check_scale(scale)
     where = _official_folder(folder, scale)
     kgn_path, usn_path = (where / name for name in OFFICIAL_FILES)
     for p in (kgn_path, usn_path):
@@ -522,21 +511,20 @@ def load_model(
     weights: Path | None, scale: int, device: str | torch.device = "cpu"
 ) -> tuple[CARModel, dict]:
     """Resolve what the user pointed at (or the shipped weights) to a model in eval mode."""
-    if scale not in SCALES:
-        raise WeightsError(f"scale must be 2 or 4, got {scale}")
+    check_scale(scale)
     if weights is None:
         folder = weights_dir()
         if os.environ.get(ENV_VAR) and folder.exists() and not folder.is_dir():
             raise WeightsError(
                 f"{ENV_VAR}={folder} is a file, but it must name a folder holding "
                 f"{shipped_name(2)} and/or {shipped_name(4)}; to use one checkpoint file, "
-                f"pass --weights {folder}"
+                f"pass {param('weights')} {folder}"
             )
         path = folder / shipped_name(scale)
         if not path.is_file():
             raise NoWeightsInstalled(
                 f"no carcli weights are installed for {scale}x (looked for {path}); "
-                f"pass --weights FILE_OR_FOLDER or set {ENV_VAR}"
+                f"pass {param('weights')} FILE_OR_FOLDER or set {ENV_VAR}"
             )
         return _load_checked_scale(path, scale, device)
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -23,8 +22,9 @@ import typer.main
 
 from carcli import __version__
 from carcli.bundled import samples_path
-from carcli.console import stderr_console
+from carcli.console import stderr_console, user_errors
 from carcli.defaults import REFINE_MAX_CHANGE
+from carcli.errors import EXIT_FAILED, EXIT_OK
 from carcli.train import commands as train_commands
 
 # The modules behind the commands import torch (seconds), so they are imported in
@@ -243,35 +243,15 @@ QualityOpt = Annotated[
 ]
 
 
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn the errors a user can cause into one line and an exit code, never a traceback.
+INTERRUPTED = (
+    "interrupted: finished outputs are complete; run the same command again to resume "
+    "(existing outputs are skipped)"
+)
 
-    carcli.checkpoints (torch) is only consulted when it was imported: a
-    WeightsError cannot come from anywhere else, and usage errors stay fast.
-    """
-    from carcli.errors import UsageError
 
-    err = stderr_console()
-    try:
-        yield
-    except Exception as exc:
-        checkpoints = sys.modules.get("carcli.checkpoints")
-        if not isinstance(exc, UsageError) and not (
-            checkpoints is not None and isinstance(exc, checkpoints.WeightsError)
-        ):
-            raise
-        err.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err.print(
-            "interrupted: finished outputs are complete; run the same command again to resume "
-            "(existing outputs are skipped)",
-            style="yellow",
-            markup=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(130) from None
+def _user_errors() -> contextlib.AbstractContextManager:
+    """Usage errors and failures as one line and an exit code; Ctrl-C as 130."""
+    return user_errors(INTERRUPTED)
 
 
 def _processor(
@@ -438,7 +418,7 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> bool:
 
 def _exit(outcomes: Sequence[Outcome], json_ok: bool = True) -> None:
     failed = any(o.status == "failed" for o in outcomes) or not json_ok
-    raise typer.Exit(1 if failed else 0)
+    raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
 
 
 def _version_callback(value: bool) -> None:
@@ -802,7 +782,7 @@ def info(json_file: JsonOpt = None) -> None:
     for renderable in info_tables(data):
         console.print(renderable)
     if not _write_json(json_file, data):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command("export-onnx")

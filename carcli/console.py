@@ -7,11 +7,13 @@ error and warning lines always appear.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,6 +28,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from carcli.errors import EXIT_INTERRUPTED, CarError
+
 if TYPE_CHECKING:  # the CLI imports this module before torch (see carcli.defaults)
     from carcli.batch import Outcome, Summary
 
@@ -36,6 +40,28 @@ def stderr_console() -> Console:
 
 def stdout_console() -> Console:
     return Console(highlight=False)
+
+
+@contextlib.contextmanager
+def user_errors(interrupted: str | None = None) -> Iterator[None]:
+    """Errors a user can cause: one line on stderr and their exit code, never a traceback.
+
+    Every command runs in this: a :class:`carcli.errors.CarError` prints its
+    message with parameters as flags and exits with its code (2 for usage
+    errors). ``interrupted`` is the line for Ctrl-C (exit 130); without it
+    KeyboardInterrupt passes on.
+    """
+    err = stderr_console()
+    try:
+        yield
+    except CarError as exc:
+        err.print(f"error: {exc.cli_message()}", style="red", markup=False, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        err.print(interrupted, style="yellow", markup=False, highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 class _RateColumn(ProgressColumn):

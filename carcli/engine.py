@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 
 from carcli.defaults import REFINE_MAX_CHANGE
-from carcli.errors import UsageError
 from carcli.models import CARModel, lr_size
 from carcli.models.quantize import quantize_bits_
 from carcli.ops.reference import reflect_pad
 from carcli.refine import refine
 from carcli.refine import tile_side as refine_tile_side
-from carcli.runpolicy import PrecisionError, RunPolicy, resolve_device
+from carcli.runpolicy import RunPolicy, resolve_device
 from carcli.tiler import TiledModel
 
 # The resampler network works at H/8 and reflect-pads there, so it needs sides of
@@ -70,18 +69,19 @@ class Processor:
         refine_max_change: int = REFINE_MAX_CHANGE,
     ) -> None:
         device = torch.device(device)
-        try:
-            self.runner = TiledModel(model, device, precision, channels_last, memory_budget)
-        except PrecisionError as exc:
-            raise UsageError(str(exc)) from None
+        # A precision the device lacks raises PrecisionError, a UsageError.
+        self.runner = TiledModel(model, device, precision, channels_last, memory_budget)
         self.device = self.runner.device
         self.model = self.runner.model
         self.precision = self.runner.precision
-        self.scale: int = model.scale
         self.down_tile: int | None = tile
         self.up_tile: int | None = tile
         self.refine = refine
         self.refine_max_change = refine_max_change
+
+    @property
+    def scale(self) -> int:
+        return self.model.scale
 
     def downscale(self, hr: torch.Tensor) -> torch.Tensor:
         """HR (3xHxW or Bx3xHxW) -> LR quantised to 8 bits, ceil(H/s) x ceil(W/s)."""

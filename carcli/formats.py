@@ -17,6 +17,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from carcli.errors import ImageReadError, ImageWriteError
+
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
 )
@@ -38,14 +40,6 @@ FORMATS: dict[str, tuple[str, bool, bool]] = {
 }
 _SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-class ImageReadError(Exception):
-    """A file that cannot be decoded; the message is one line for the user."""
-
-
-class ImageWriteError(Exception):
-    """An image that cannot be encoded or written; the message is one line for the user."""
 
 
 def is_stdio(path: Path | str | None) -> bool:

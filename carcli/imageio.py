@@ -390,7 +390,7 @@ def encode_image(
     if not FORMATS[fmt][2]:
         bits = 8
     if fmt == "jpg" and alpha is not None:
-        raise ImageWriteError("JPEG cannot store transparency; choose --format png or webp")
+        raise ImageWriteError("JPEG cannot store transparency; choose PNG or WebP")
     array = to_array(rgb, alpha, bits)
     if fmt == "png":
         return encode_png(array, text)

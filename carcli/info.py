@@ -10,22 +10,16 @@ import torch
 from carcli import __version__
 from carcli.checkpoints import installed_weights, weights_dir
 from carcli.models import CARConfig, CARModel
+from carcli.ops.native import describe_backend
 from carcli.runpolicy import resolve_device
 
 
 def resampling_backend(device: torch.device) -> str:
-    """Name of the resampling implementation ``car`` would use on ``device``."""
+    """The resampling implementation ``car`` uses on ``device``, and why (native or PyTorch)."""
     try:
-        from carcli.ops.native import active_backend  # the CUDA issue adds this
-
-        return str(active_backend(device))
-    except ImportError:
-        pass
+        return describe_backend(device)
     except Exception as exc:  # a broken native build must not break `car info`
         return f"torch (native backend failed: {str(exc).splitlines()[0] if str(exc) else exc})"
-    from carcli.ops.resample import backend_for
-
-    return backend_for(torch.empty(0, device=device)).name
 
 
 def devices() -> list[dict[str, str]]:

@@ -1,4 +1,8 @@
-"""Where a command reads and writes: INPUT files, and OUTPUT checked against INPUT."""
+"""Where a command reads and writes: INPUT files, and OUTPUT checked against INPUT.
+
+Part of the command line (its messages name INPUT, OUTPUT and flags); the
+library's own functions take tensors and pictures, not paths to check.
+"""
 
 from __future__ import annotations
 

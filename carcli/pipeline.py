@@ -22,7 +22,7 @@ from carcli.batch import (
     summarize,
 )
 from carcli.engine import MIN_SIDE, Processor
-from carcli.errors import ProcessingError, UsageError
+from carcli.errors import UsageError
 from carcli.evaluation import evaluate_folder, roundtrip_report
 from carcli.imageio import SCALE_KEY, SOURCE_SIZE_KEY
 from carcli.metrics import MEASURE_BAND_ROWS, measure
@@ -53,7 +53,6 @@ __all__ = [
     "Item",
     "NullReporter",
     "Outcome",
-    "ProcessingError",
     "Processor",
     "Reporter",
     "Result",

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from carcli.errors import UsageError
+from carcli.errors import PrecisionError, UsageError, param
 from carcli.models.precision import PRECISIONS
+
+P = param("precision")
 
 # Default cap of the memory the tiles of one image may use on the CPU: beyond
 # about a gigabyte the margins cost under 15 % and larger tiles buy little speed.
@@ -25,10 +27,6 @@ CPU_BUDGET_CAP = 1 << 30
 CPU_BUDGET_FRACTION = 0.5  # of the RAM the kernel reports as available
 GPU_BUDGET_FRACTION = 0.6  # of the free device memory (plus what torch has cached)
 GPU_BUDGET_CAP = 16 << 30
-
-
-class PrecisionError(ValueError):
-    """A precision this device cannot run; the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,8 @@ class RunPolicy:
         elif self.threads == "auto" and device.type == "cpu":
             set_cpu_threads(None)
         elif self.threads not in ("auto", "keep"):
-            raise UsageError(f"threads must be a number, auto or keep, not {self.threads!r}")
+            threads = param("threads")
+            raise UsageError(f"{threads} must be a number, auto or keep, not {self.threads!r}")
 
 
 # Validation measures in float32 with the model's memory format left alone and the
@@ -115,7 +114,7 @@ def training_precision(spec: str, device: torch.device) -> str:
     """
     spec = spec.lower()
     if spec not in ("auto", "bf16", "fp32"):
-        raise PrecisionError(f"training precision must be auto, bf16 or fp32, got {spec!r}")
+        raise PrecisionError(f"training {P} must be auto, bf16 or fp32, got {spec!r}")
     if spec != "auto":
         return spec
     if device.type == "cuda":  # bf16, not the fp16 that inference picks there
@@ -134,13 +133,13 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     if spec == "auto":
         return default_precision(device)
     if spec not in PRECISIONS:
-        raise PrecisionError(f"unknown precision {spec!r}; use auto, fp32, bf16 or fp16")
+        raise PrecisionError(f"unknown {P} {spec!r}; use auto, fp32, bf16 or fp16")
     if spec == "fp16" and device.type != "cuda":
-        raise PrecisionError("--precision fp16 needs a CUDA device; use bf16 or fp32 here")
+        raise PrecisionError(f"{P} fp16 needs a CUDA device; use bf16 or fp32 here")
     if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise PrecisionError("this GPU has no bfloat16; use --precision fp16 or fp32")
+        raise PrecisionError(f"this GPU has no bfloat16; use {P} fp16 or fp32")
     if spec == "bf16" and device.type not in ("cpu", "cuda"):
-        raise PrecisionError(f"--precision bf16 is not supported on {device.type}; use fp32")
+        raise PrecisionError(f"{P} bf16 is not supported on {device.type}; use fp32")
     return spec
 
 

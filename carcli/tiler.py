@@ -174,13 +174,16 @@ class TiledModel:
         if channels_last:
             # Weights in channels-last make every conv (and its output) channels-last.
             self.model.to(memory_format=torch.channels_last)
-        self.scale: int = model.scale
         self.budget = budget
         self.down_margin = model.downscale_margin()
         self.body_margin, self.up_margin = model.sr.stage_margins()
         self._footprint: Footprint | None = None
         self.notes: list[str] = []  # things the user should hear about (OOM retries)
         self.oom_cap: int | None = None  # after an OOM, later images use at most this budget
+
+    @property
+    def scale(self) -> int:
+        return self.model.scale
 
     # ---- planning --------------------------------------------------------
     @property
@@ -346,5 +349,5 @@ class TiledModel:
             if tile is not None:
                 tile = max(least, tile // 2)
             self.notes.append(
-                "ran out of memory; retrying with smaller tiles (--tile sets the size)"
+                "ran out of memory; retrying with smaller tiles (a tile size can be set)"
             )

@@ -333,7 +333,8 @@ def test_load_model_shipped_and_installed(tmp_path: Path, monkeypatch: pytest.Mo
         load_model(None, 4)
     message = str(err.value)
     assert "4x" in message and str(tmp_path / "car_x4.safetensors") in message
-    assert "--weights" in message
+    assert "pass weights FILE_OR_FOLDER" in message  # the library names its parameter,
+    assert "pass --weights FILE_OR_FOLDER" in err.value.cli_message()  # the CLI its flag
 
     model = tiny(4)
     save_checkpoint(model, tmp_path / shipped_name(4), {"steps": 10})

@@ -14,6 +14,7 @@ from conftest import record_dtypes
 from PIL import Image
 
 from carcli.checkpoints import load_checkpoint
+from carcli.errors import UsageError
 from carcli.models.quantize import quantize_for_training
 from carcli.train.commands import parse_duration
 from carcli.train.losses import offset_loss, tv_loss
@@ -354,7 +355,12 @@ def test_car_train_and_export_commands(train_dir: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
     again = invoke(app, ["train", *common, *first])
     assert again.exit_code == 2 and "pass --resume" in again.stderr
-    result = invoke(app, ["train", *common, "--resume", "--steps", "5", "--val-every", "2"])
+    # A resumed run keeps what shaped it: a different --lr is refused, before any work.
+    bad = invoke(app, ["train", *common, *options, "--resume", "--steps", "5", "--lr", "0.01"])
+    assert bad.exit_code == 2 and "--lr: fixed by the run being resumed" in bad.stderr
+    # The same settings again, auto precision ("as saved") and a new stopping rule: fine.
+    resumed = ["--resume", "--steps", "5", "--precision", "auto"]
+    result = invoke(app, ["train", *common, *options, *resumed])
     assert result.exit_code == 0, result.output
     log = [json.loads(line) for line in (run / LOG_NAME).read_text().splitlines()]
     # Every 2 steps, and where each schedule ended (3, then 5 after --resume).
@@ -466,7 +472,7 @@ def test_a_resume_with_a_bad_setting_is_refused_and_the_state_kept(train_dir: Pa
 
 
 def test_the_trainer_itself_refuses_bad_settings(train_dir: Path, tmp_path: Path):
-    from carcli.train.trainer import ConfigError
+    from carcli.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ema") as info:
         Trainer(_config(train_dir, ema=1.5), tmp_path / "run", torch.device("cpu"), quiet=True)
@@ -606,3 +612,12 @@ def test_bf16_training_uses_the_float32_islands_of_inference(
     sums = seen["kernels"].sum(dim=1)
     assert float((sums - 1).abs().max()) < 1e-5  # bf16 normalisation: off by ~1e-3
     assert all(p.grad is not None for p in model.sr.head.parameters())
+
+
+def test_resumed_config_changes_only_the_resumable_settings() -> None:
+    saved = TrainConfig(scale=2, data=["d"], val=[], steps=10, lr=1e-3, precision="bf16")
+    later = saved.resumed(steps=20, val_every=5, lr=1e-3, precision="auto", channels_last=None)
+    assert (later.steps, later.val_every, later.lr, later.precision) == (20, 5, 1e-3, "bf16")
+    with pytest.raises(UsageError, match="lr, patch: fixed by the run") as caught:
+        saved.resumed(lr=2e-3, patch=64, steps=20)
+    assert "--lr, --patch: fixed" in caught.value.cli_message()

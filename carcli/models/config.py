@@ -5,7 +5,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from carcli.defaults import SCALES
+from carcli.errors import UsageError, param
+
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+def check_scale(scale: int) -> int:
+    """``scale`` if CAR supports it; UsageError otherwise (the one place this is checked)."""
+    if scale not in SCALES:
+        raise UsageError(f"{param('scale')} must be 2 or 4, got {scale}")
+    return scale
 
 
 @dataclass(frozen=True)
@@ -42,8 +52,7 @@ class CARConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        if self.scale not in (2, 4):
-            raise ValueError(f"scale must be 2 or 4, got {self.scale}")
+        check_scale(self.scale)
 
     @property
     def kernel_size(self) -> int:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from carcli.console import user_errors
 from carcli.defaults import QUANT_GRADIENTS
+from carcli.errors import EXIT_FAILED, EXIT_INTERRUPTED, ValidationError
+from carcli.train.config import TrainConfig
+
+SCALE = 4  # the scale a new run trains for unless told
 
 # torch and the trainer are imported in the command bodies, so that `car --help`
 # answers without them (see carcli.defaults).
@@ -58,19 +61,6 @@ def make_evaluator(folders: list[Path], device: torch.device):  # noqa: ANN201
     return evaluate
 
 
-@contextlib.contextmanager
-def _setup_errors() -> Iterator[None]:
-    """Mistakes in what the user passed (paths, weights, device, a state file): one line, exit 2."""
-    from carcli.checkpoints import WeightsError
-    from carcli.errors import UsageError
-
-    try:
-        yield
-    except (UsageError, WeightsError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-
-
 def _check_folders(run: Path, cfg: object) -> None:
     """Every path a run needs, checked before minutes of decoding and training.
 
@@ -103,85 +93,136 @@ def _keep_existing_unless(overwrite: bool, output: Path) -> None:
         raise UsageError(f"{output}: is a folder; name the output .safetensors file")
 
 
-@contextlib.contextmanager
-def _write_errors() -> Iterator[None]:
-    """A checkpoint that cannot be written (full disk, read-only folder): one line, exit 1."""
-    from carcli.checkpoints import WeightsWriteError
-
-    try:
-        yield
-    except WeightsWriteError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+def _default(name: str) -> str:
+    """A TrainConfig default as ``--help`` shows it (the options default to "not given")."""
+    value = TrainConfig.__dataclass_fields__[name].default
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def train(
-    data: Annotated[list[Path], typer.Option("--data", help="Training image folder (repeatable).")],
-    val: Annotated[list[Path], typer.Option("--val", help="Validation folder (repeatable).")],
     run: Annotated[Path, typer.Option("--run", help="Run folder: state, log, best checkpoint.")],
-    scale: Annotated[int, typer.Option("--scale", "-s", help="2 or 4.")] = 4,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option("--data", help="Training image folder (repeatable; needed for a new run)."),
+    ] = None,
+    val: Annotated[
+        list[Path] | None,
+        typer.Option("--val", help="Validation folder (repeatable; needed for a new run)."),
+    ] = None,
+    scale: Annotated[
+        int | None, typer.Option("--scale", "-s", help="2 or 4.", show_default=str(SCALE))
+    ] = None,
     config: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Network preset: compact, compact-deep (EDSR 24 blocks), paper, tiny. With "
-            "--init, a preset that only adds EDSR blocks grows the checkpoint's pair to it."
+            "--init, a preset that only adds EDSR blocks grows the checkpoint's pair to it.",
+            show_default=_default("config"),
         ),
-    ] = "compact",
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Total steps (cosine schedule length).")] = None,
     time_budget: Annotated[
         str | None, typer.Option("--time-budget", help="Total training time, e.g. 2h30m.")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from RUN/state.pt.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue from RUN/state.pt with its settings; only --steps, --time-budget, "
+            "--threads, --val-every, --log-every and --checkpoint-minutes may change."
+        ),
+    ] = False,
     init: Annotated[
         Path | None, typer.Option(help="Start from an inference checkpoint (.safetensors).")
     ] = None,
-    batch: Annotated[int, typer.Option(help="Patches per step.")] = 16,
-    patch: Annotated[int, typer.Option(help="HR patch side (multiple of 8).")] = 96,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (Adam).")] = 5e-4,
-    min_lr: Annotated[float, typer.Option(help="Final learning rate of the cosine.")] = 1e-6,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 200,
-    offset_weight: Annotated[float, typer.Option(help="Offset regulariser weight.")] = 0.001,
-    tv_weight: Annotated[float, typer.Option(help="TV regulariser weight.")] = 0.005,
+    batch: Annotated[
+        int | None, typer.Option(help="Patches per step.", show_default=_default("batch"))
+    ] = None,
+    patch: Annotated[
+        int | None,
+        typer.Option(help="HR patch side (multiple of 8).", show_default=_default("patch")),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (Adam).", show_default=_default("lr"))
+    ] = None,
+    min_lr: Annotated[
+        float | None,
+        typer.Option(help="Final learning rate of the cosine.", show_default=_default("min_lr")),
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option(help="Linear warm-up steps.", show_default=_default("warmup"))
+    ] = None,
+    offset_weight: Annotated[
+        float | None,
+        typer.Option(help="Offset regulariser weight.", show_default=_default("offset_weight")),
+    ] = None,
+    tv_weight: Annotated[
+        float | None,
+        typer.Option(help="TV regulariser weight.", show_default=_default("tv_weight")),
+    ] = None,
     loss: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Reconstruction loss: l1 (the paper's), or mse, which is what PSNR measures "
-            "(for a final fine-tune)."
+            "(for a final fine-tune).",
+            show_default=_default("loss"),
         ),
-    ] = "l1",
+    ] = None,
     luma_weight: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="Add this weight times the same loss on BT.601 luma (Y, what PSNR_Y and SSIM_Y "
-            "read) to the RGB loss; 0: RGB only, as in the paper."
+            "read) to the RGB loss; 0: RGB only, as in the paper.",
+            show_default=_default("luma_weight"),
         ),
-    ] = 0.0,
+    ] = None,
     quant_grad: Annotated[
-        str,
+        str | None,
         typer.Option(
             help=f"Gradient of the 8-bit rounding: {' or '.join(QUANT_GRADIENTS)} "
-            "(straight-through or soft-round)."
+            "(straight-through or soft-round).",
+            show_default=_default("quant_grad"),
         ),
-    ] = "ste",
-    soft_alpha: Annotated[float, typer.Option(help="Soft-round alpha (with soft).")] = 0.5,
-    ema: Annotated[float, typer.Option(help="EMA decay of the weights (0: off).")] = 0.999,
-    bicubic_init: Annotated[bool, typer.Option(help="Start the resampler as bicubic.")] = True,
+    ] = None,
+    soft_alpha: Annotated[
+        float | None,
+        typer.Option(help="Soft-round alpha (with soft).", show_default=_default("soft_alpha")),
+    ] = None,
+    ema: Annotated[
+        float | None,
+        typer.Option(help="EMA decay of the weights (0: off).", show_default=_default("ema")),
+    ] = None,
+    bicubic_init: Annotated[
+        bool | None,
+        typer.Option(
+            "--bicubic-init/--no-bicubic-init",
+            help="Start the resampler as bicubic.",
+            show_default=_default("bicubic_init"),
+        ),
+    ] = None,
     sr_pretrain: Annotated[
-        int,
-        typer.Option(help="First N steps train only EDSR, on the initial resampler's output."),
-    ] = 0,
+        int | None,
+        typer.Option(
+            help="First N steps train only EDSR, on the initial resampler's output.",
+            show_default=_default("sr_pretrain"),
+        ),
+    ] = None,
     reset_heads: Annotated[
-        bool,
-        typer.Option(help="With --init: fresh kernel/offset heads (bicubic start), rest kept."),
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--reset-heads/--no-reset-heads",
+            help="With --init: fresh kernel/offset heads (bicubic start), rest kept.",
+            show_default=_default("reset_heads"),
+        ),
+    ] = None,
     precision: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="auto: bf16 autocast where the device computes bfloat16 natively (CUDA, "
             "AVX512-BF16/AMX CPUs), else fp32; or bf16, fp32. The kernel normalisation "
-            "and EDSR's first and last convs always run in float32, as in inference."
+            "and EDSR's first and last convs always run in float32, as in inference.",
+            show_default=_default("precision"),
         ),
-    ] = "auto",
+    ] = None,
     channels_last: Annotated[
         bool | None,
         typer.Option(
@@ -192,10 +233,23 @@ def train(
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
-    val_every: Annotated[int, typer.Option(help="Validate every N steps (0: never).")] = 1000,
-    log_every: Annotated[int, typer.Option(help="Log a JSON line every N steps.")] = 50,
-    checkpoint_minutes: Annotated[float, typer.Option(help="Save state every N minutes.")] = 5.0,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    val_every: Annotated[
+        int | None,
+        typer.Option(help="Validate every N steps (0: never).", show_default=_default("val_every")),
+    ] = None,
+    log_every: Annotated[
+        int | None,
+        typer.Option(help="Log a JSON line every N steps.", show_default=_default("log_every")),
+    ] = None,
+    checkpoint_minutes: Annotated[
+        float | None,
+        typer.Option(
+            help="Save state every N minutes.", show_default=_default("checkpoint_minutes")
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed.", show_default=_default("seed"))
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     quiet: Annotated[
         bool,
@@ -204,62 +258,50 @@ def train(
         ),
     ] = False,
 ) -> None:
-    """Train a CAR pair (resampler + EDSR) jointly; resumable, validated, exportable."""
+    """Train a CAR pair (resampler + EDSR) jointly; resumable, validated, exportable.
+
+    The settings, their defaults and the resume rules are TrainConfig's
+    (carcli.train.config); this command only collects what was given.
+    """
     from carcli.checkpoints import file_digest
-    from carcli.errors import UsageError
     from carcli.models import PRESETS
     from carcli.runpolicy import resolve_device
     from carcli.train import ddp
     from carcli.train.progress import make_display
-    from carcli.train.trainer import (
-        STATE_NAME,
-        ConfigError,
-        TrainConfig,
-        Trainer,
-        ValidationError,
-        read_state,
-    )
+    from carcli.train.trainer import Trainer, config_for_run
 
-    if config not in PRESETS:
+    if config is not None and config not in PRESETS:
         raise typer.BadParameter(f"--config must be one of {', '.join(PRESETS)}")
-    with _setup_errors():
-        budget = parse_duration(time_budget) if time_budget else None
+    given = {
+        "config": config, "steps": steps, "batch": batch, "patch": patch, "lr": lr,
+        "min_lr": min_lr, "warmup": warmup, "offset_weight": offset_weight,
+        "tv_weight": tv_weight, "loss": loss, "luma_weight": luma_weight,
+        "quant_grad": quant_grad, "soft_alpha": soft_alpha, "ema": ema,
+        "bicubic_init": bicubic_init, "sr_pretrain": sr_pretrain, "reset_heads": reset_heads,
+        "precision": precision, "channels_last": channels_last, "threads": threads,
+        "val_every": val_every, "log_every": log_every,
+        "checkpoint_minutes": checkpoint_minutes, "seed": seed,
+    }  # fmt: skip
+    given = {name: value for name, value in given.items() if value is not None}
+    if time_budget is not None:
+        given["time_budget"] = parse_duration(time_budget)
+    if data is not None:
+        given["data"] = [str(d) for d in data]
+    if val is not None:
+        given["val"] = [str(v) for v in val]
+    if init is not None:
+        given["init"] = str(init.resolve())
+    if not resume:
+        given["scale"] = SCALE if scale is None else scale
+        if init is not None and init.is_file():
+            given["init_sha256"] = file_digest(init)
+    elif scale is not None:
+        given["scale"] = scale
+    with user_errors():
         # Under torchrun: join the ranks (one GPU each); rank 0 alone talks, validates, saves.
         ranks, dev = ddp.setup(resolve_device(device))
         quiet = quiet or not ranks.main
-        state = run / STATE_NAME
-        if resume:
-            if not state.exists():
-                typer.echo(f"error: {state}: nothing to resume", err=True)
-                raise typer.Exit(2)
-            cfg = read_state(state)["train_config"]
-            # Only the stopping rule and a few run-time settings may change on resume.
-            cfg.steps = steps if steps is not None else cfg.steps
-            cfg.time_budget = budget if budget is not None else cfg.time_budget
-            cfg.threads = threads if threads is not None else cfg.threads
-            cfg.val_every, cfg.log_every = val_every, log_every
-            cfg.checkpoint_minutes = checkpoint_minutes
-        else:
-            if state.exists():
-                raise UsageError(f"{state} exists: pass --resume, or choose another --run")
-            cfg = TrainConfig(
-                scale=scale, data=[str(d) for d in data], val=[str(v) for v in val], config=config,
-                steps=steps, time_budget=budget, batch=batch, patch=patch, lr=lr, min_lr=min_lr,
-                warmup=warmup, offset_weight=offset_weight, tv_weight=tv_weight, loss=loss,
-                luma_weight=luma_weight, quant_grad=quant_grad, soft_alpha=soft_alpha, ema=ema,
-                bicubic_init=bicubic_init, reset_heads=reset_heads, sr_pretrain=sr_pretrain,
-                init=str(init.resolve()) if init else None,
-                init_sha256=file_digest(init) if init and init.is_file() else None,
-                precision=precision, channels_last=channels_last,
-                threads=threads, val_every=val_every, log_every=log_every,
-                checkpoint_minutes=checkpoint_minutes, seed=seed,
-            )  # fmt: skip
-        try:
-            cfg.check()  # before the minutes of decoding the training images
-        except ConfigError as exc:
-            raise typer.BadParameter(exc.reason, param_hint=exc.option) from None
-        if cfg.steps is None and cfg.time_budget is None:
-            raise typer.BadParameter("give --steps or --time-budget")
+        cfg = config_for_run(run, resume, **given)  # before minutes of decoding images
         _check_folders(run, cfg)
         evaluator = make_evaluator([Path(v) for v in cfg.val], dev) if cfg.val else None
         display = make_display(quiet)
@@ -275,13 +317,13 @@ def train(
         trainer.run()
     except ValidationError as exc:
         saved = f"; state saved at step {trainer.step} (--resume continues)" if trainer.step else ""
-        typer.echo(f"error: {exc}{saved}", err=True)
-        raise typer.Exit(1) from None
+        typer.echo(f"error: {exc.cli_message()}{saved}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
     finally:
         ddp.teardown()
     if trainer.stop_requested:
         print(f"interrupted: state saved at step {trainer.step}", file=sys.stderr)
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def export(
@@ -310,7 +352,7 @@ def export(
 
     if which not in ("best", "last"):
         raise typer.BadParameter("--which must be best or last")
-    with _setup_errors():
+    with user_errors():
         _keep_existing_unless(overwrite, output)
         if not run.is_dir():
             raise UsageError(f"{run}: not a run folder (no such folder)")
@@ -327,7 +369,7 @@ def export(
         folders = [Path(v) for v in saved.get("val", []) if Path(v).is_dir()]
         return make_evaluator(folders, torch.device("cpu"))(model) if folders else None
 
-    with _setup_errors(), _write_errors():
+    with user_errors():
         metadata = export_run(run, output, which, timing, validate_latest)
     summary = {"written": str(output), "steps": metadata.get("steps")}
     summary.update({k: metadata[k] for k in ("validation", "cpu_timing") if k in metadata})
@@ -367,7 +409,7 @@ def average(
     from carcli.train.average import average_checkpoints
     from carcli.train.export import cpu_timing
 
-    with _setup_errors():
+    with user_errors():
         seen: dict[str, Path] = {}
         for path in inputs:
             real = os.path.realpath(path)
@@ -391,7 +433,7 @@ def average(
         metadata["validation"] = make_evaluator(list(val), torch.device("cpu"))(model)
     if timing:
         metadata["cpu_timing"] = cpu_timing(model)
-    with _setup_errors(), _write_errors():
+    with user_errors():
         save_checkpoint(model, output, metadata)
     summary = {"written": str(output), "ingredients": len(inputs)}
     summary.update({k: metadata[k] for k in ("validation", "cpu_timing") if k in metadata})

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carcli.errors import UsageError
+from carcli.errors import UsageError, param
 from carcli.imageio import IMAGE_SUFFIXES, ImageReadError, find_images
 
 
-def list_images(folders: list[Path], option: str = "--data") -> list[Path]:
+def list_images(folders: list[Path], option: str = "data") -> list[Path]:
     """Every image file in ``folders`` (recursively); UsageError for a missing or empty one."""
     paths: list[Path] = []
     kinds = " ".join(sorted(IMAGE_SUFFIXES))
@@ -23,10 +23,10 @@ def list_images(folders: list[Path], option: str = "--data") -> list[Path]:
             paths.append(folder)
             continue
         if not folder.is_dir():
-            raise UsageError(f"{option} {folder}: no such folder")
+            raise UsageError(f"{param(option)} {folder}: no such folder")
         found = find_images(folder, recursive=True)
         if not found:
-            raise UsageError(f"{option} {folder}: no images in it (looked for {kinds})")
+            raise UsageError(f"{param(option)} {folder}: no images in it (looked for {kinds})")
         paths += found
     return paths
 
@@ -77,7 +77,7 @@ class PatchSampler:
             unreadable = f" ({len(self.unreadable)} unreadable)" if self.unreadable else ""
             raise UsageError(
                 f"no readable training image is at least {patch}x{patch} in {names}{unreadable}; "
-                "use larger images or a smaller --patch"
+                f"use larger images or a smaller {param('patch')}"
             )
         if self.skipped and not quiet:
             print(

@@ -8,21 +8,22 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from carcli.errors import UsageError
+from carcli.errors import UsageError, ValidationError, param
 from carcli.metrics import PEAK, rgb_to_y
 from carcli.models import CARModel, deepened, preset
 from carcli.models.precision import autocast
-from carcli.models.quantize import QUANT_GRADIENTS, quantize_for_training
+from carcli.models.quantize import quantize_for_training
 from carcli.ops import resample
-from carcli.runpolicy import PrecisionError, training_channels_last, training_precision
 from carcli.train import ddp
+from carcli.train.config import LOSSES, TrainConfig
 from carcli.train.data import PatchSampler
 from carcli.train.losses import offset_loss, tv_loss
 from carcli.train.progress import TrainDisplay, status_line
@@ -30,115 +31,8 @@ from carcli.train.progress import TrainDisplay, status_line
 STATE_NAME = "state.pt"
 BEST_NAME = "best.safetensors"
 LOG_NAME = "log.jsonl"
-# --loss: the paper's L1, or the squared error that PSNR measures (for final fine-tunes).
-RECONSTRUCTION_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
-
-
-@dataclass
-class TrainConfig:
-    scale: int
-    data: list[str]
-    val: list[str]
-    config: str = "compact"
-    steps: int | None = None  # total optimisation steps (cosine schedule length)
-    time_budget: float | None = None  # training seconds in all, counted across resumes
-    batch: int = 16
-    patch: int = 96  # HR crop side
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    warmup: int = 200
-    adam_eps: float = 1e-6
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    offset_weight: float = 0.001
-    tv_weight: float = 0.005
-    loss: str = "l1"  # reconstruction loss: "l1" (the paper's) or "mse" (PSNR's own, to fine-tune)
-    luma_weight: float = 0.0  # extra weight on the loss of BT.601 luma, the channel PSNR_Y reads
-    quant_grad: str = "ste"  # "ste" or "soft"
-    soft_alpha: float = 0.5
-    ema: float = 0.999  # 0 disables
-    bicubic_init: bool = True
-    sr_pretrain: int = 0  # first steps train the SR network alone on the initial resampler's LR
-    reset_heads: bool = False  # with init: fresh kernel/offset heads, started as bicubic
-    init: str | None = None  # start from an inference checkpoint (absolute path)
-    init_sha256: str | None = None  # of that file, so the record names it after it is replaced
-    precision: str = "auto"  # bf16 autocast, fp32, or auto: per device (see resolved)
-    channels_last: bool | None = None  # None: with bf16 only (see resolved)
-    threads: int | None = None
-    val_every: int = 1000
-    log_every: int = 50
-    checkpoint_minutes: float = 5.0
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        """Refuse settings that would otherwise fail, or mislead, after minutes of decoding data.
-
-        Raises :class:`ConfigError` naming the first bad field (the CLI reports it as its option).
-        """
-        losses, gradients = " or ".join(RECONSTRUCTION_LOSSES), " or ".join(QUANT_GRADIENTS)
-        rules = (
-            ("scale", self.scale in (2, 4), "must be 2 or 4"),
-            ("patch", self.patch > 0 and self.patch % 8 == 0, "must be a positive multiple of 8"),
-            ("batch", self.batch >= 1, "must be 1 or more"),
-            ("steps", self.steps is None or self.steps >= 1, "must be 1 or more"),
-            ("time_budget", self.time_budget is None or self.time_budget > 0, "must be positive"),
-            ("lr", self.lr > 0, "must be positive"),
-            ("min_lr", 0 <= self.min_lr <= self.lr, "must be between 0 and --lr"),
-            ("warmup", self.warmup >= 0, "must be 0 or more"),
-            ("grad_clip", self.grad_clip >= 0, "must be 0 (off) or more"),
-            ("offset_weight", self.offset_weight >= 0, "must be 0 or more"),
-            ("tv_weight", self.tv_weight >= 0, "must be 0 or more"),
-            ("loss", self.loss in RECONSTRUCTION_LOSSES, f"must be {losses}"),
-            ("luma_weight", self.luma_weight >= 0, "must be 0 or more"),
-            ("quant_grad", self.quant_grad in QUANT_GRADIENTS, f"must be {gradients}"),
-            ("soft_alpha", 0 <= self.soft_alpha <= 1, "must be between 0 and 1"),
-            ("ema", 0 <= self.ema < 1, "must be at least 0 (off) and below 1"),
-            ("sr_pretrain", self.sr_pretrain >= 0, "must be 0 or more"),
-            ("precision", self.precision in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
-            ("val_every", self.val_every >= 0, "must be 0 (never) or more"),
-            ("log_every", self.log_every >= 1, "must be 1 or more"),
-            ("checkpoint_minutes", self.checkpoint_minutes > 0, "must be positive"),
-            ("threads", self.threads is None or self.threads >= 1, "must be 1 or more"),
-        )
-        for name, ok, reason in rules:
-            if not ok:
-                raise ConfigError(name, reason)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def resolved(self, device: torch.device) -> TrainConfig:
-        """This config with ``auto`` precision and channels-last decided for ``device``.
-
-        The run policy picks per device (:func:`carcli.runpolicy.training_precision`):
-        bf16 only where it is native, channels-last with bf16. The saved state records
-        the resolved values, so a resumed run keeps them.
-        """
-        try:
-            precision = training_precision(self.precision, device)
-        except PrecisionError as exc:
-            raise ConfigError("precision", str(exc)) from None
-        channels_last = self.channels_last
-        if channels_last is None:
-            channels_last = training_channels_last(precision)
-        return replace(self, precision=precision, channels_last=channels_last)
-
-
-class ValidationError(RuntimeError):
-    """Validation could not measure the model; the message is one line for the user."""
-
-
-class ConfigError(ValueError):
-    """A training setting out of range; ``name`` is the TrainConfig field."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"{name} {reason}")
-        self.name, self.reason = name, reason
-
-    @property
-    def option(self) -> str:
-        return "--" + self.name.replace("_", "-")
+RECONSTRUCTION_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}  # by TrainConfig.loss
+assert tuple(RECONSTRUCTION_LOSSES) == LOSSES
 
 
 # What a state.pt must hold, and of which type, before any of it is used.
@@ -162,12 +56,9 @@ def read_state(path: Path) -> dict:
     and its fields and its recorded settings are checked, so a damaged or
     foreign file is refused with its name instead of failing halfway through.
     """
-    from carcli.checkpoints import WeightsError, load_torch_file
+    from carcli.checkpoints import load_torch_file
 
-    try:
-        state = load_torch_file(path, "training state")
-    except WeightsError as exc:
-        raise UsageError(str(exc)) from None
+    state = load_torch_file(path, "training state")  # WeightsError: a usage error too
     if not isinstance(state, dict):
         raise UsageError(f"{path} holds a {type(state).__name__}, not a carcli training state")
     for name, kind in _STATE_FIELDS.items():
@@ -188,6 +79,35 @@ def train_config_from(saved: dict, path: Path) -> TrainConfig:
         cfg.check()
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{path} holds invalid training settings ({exc})") from None
+    return cfg
+
+
+def config_for_run(run_dir: Path, resume: bool = False, **given: Any) -> TrainConfig:
+    """The settings of a new run in ``run_dir``, or of the run there continued with ``given``.
+
+    A new run needs ``scale``, ``data`` and ``val`` and refuses a folder that holds
+    a state already; resuming needs that state and keeps its settings except the
+    :data:`~carcli.train.config.RESUMABLE` ones (:meth:`TrainConfig.resumed`).
+    Either way the result is checked and has a stopping rule (UsageError otherwise).
+    """
+    state = run_dir / STATE_NAME
+    if resume:
+        if not state.exists():
+            raise UsageError(f"{state}: nothing to resume")
+        cfg = read_state(state)["train_config"].resumed(**given)
+    else:
+        if state.exists():
+            raise UsageError(
+                f"{state} exists: pass {param('resume')}, or choose another {param('run')}"
+            )
+        missing = [name for name in ("data", "val") if name not in given]
+        if missing:
+            names = " and ".join(param(name) for name in missing)
+            raise UsageError(f"a new run needs {names}")
+        cfg = TrainConfig(**given)
+    cfg.check()
+    if cfg.steps is None and cfg.time_budget is None:
+        raise UsageError(f"give {param('steps')} or {param('time_budget')}")
     return cfg
 
 
@@ -338,10 +258,10 @@ class Trainer:
             self.model = deepened(self.model, want.sr.blocks, name=name)
             self._say(
                 f"note: EDSR deepened from {have.sr.blocks} to {want.sr.blocks} blocks "
-                f"for --config {name}; the new blocks start as identities"
+                f"for config {name}; the new blocks start as identities"
             )
         else:
-            self._say(f"note: --init checkpoint uses config {have.name!r}, kept as it is")
+            self._say(f"note: the init checkpoint uses config {have.name!r}, kept as it is")
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop after the current step (and save); safe from a signal handler."""
@@ -503,7 +423,7 @@ class Trainer:
         """Train until the schedule ends, the time budget is spent, or step ``stop_at``."""
         cfg = self.cfg
         if cfg.steps is None and cfg.time_budget is None:
-            raise ValueError("give --steps or --time-budget")
+            raise UsageError(f"give {param('steps')} or {param('time_budget')}")
         self._say(
             f"training {cfg.config} {cfg.scale}x from step {self.step}: "
             f"{len(self.sampler.images)} images ({self.sampler.pixels / 1e6:.1f} MP), "
