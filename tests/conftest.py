@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import random
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +14,29 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
+SEED_ENV = "CARCLI_TEST_SEED"
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed for torch, numpy and random, printed so a failure can be replayed.
+
+    pytest shows the printed line with a failing test; ``CARCLI_TEST_SEED=N``
+    reruns with that seed.
+    """
+    value = int(os.environ.get(SEED_ENV) or secrets.randbelow(2**31))
+    print(f"seed {value} (replay: {SEED_ENV}={value})")
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+    return value
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that read the shared data sets carry the ``datasets`` marker."""
+    for item in items:
+        if "datasets_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.datasets)
 
 
 def photo(height: int, width: int, seed: int = 0, channels: int = 3) -> np.ndarray:

@@ -18,6 +18,9 @@ from carcli.cli import app
 from carcli.models import CARModel, preset
 from carcli.train.average import average_checkpoints
 
+# The checkpoints are random (global generators): seeded per test and printed.
+pytestmark = pytest.mark.usefixtures("seed")
+
 
 def _random_checkpoints(folder: Path, count: int, scale: int = 2, name: str = "tiny") -> list:
     """``count`` differently initialised checkpoints, each with its own metadata."""
@@ -35,6 +38,7 @@ def _random_checkpoints(folder: Path, count: int, scale: int = 2, name: str = "t
     return paths
 
 
+@pytest.mark.slow
 def test_average_is_the_mean_of_every_tensor(tmp_path: Path):
     paths = _random_checkpoints(tmp_path, 3)
     states = [load_checkpoint(p)[0].state_dict() for p in paths]
@@ -73,11 +77,12 @@ def test_average_refuses_mixed_architectures_and_single_files(tmp_path: Path):
         average_checkpoints([a, tmp_path / "missing.safetensors"])
 
 
-def test_car_average_command(tmp_path: Path):
+@pytest.mark.slow
+def test_car_average_command(tmp_path: Path, seed: int):
     paths = _random_checkpoints(tmp_path, 2, scale=2)
     val = tmp_path / "val"
     val.mkdir()
-    Image.fromarray(photo(30, 42, seed=int(np.random.default_rng().integers(1 << 30)))).save(
+    Image.fromarray(photo(30, 42, seed=int(np.random.default_rng(seed).integers(1 << 30)))).save(
         val / "v.png"
     )
     out = tmp_path / "avg.safetensors"

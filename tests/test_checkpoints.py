@@ -393,6 +393,7 @@ def test_documented_layout_sizes() -> None:
     assert round(count(doc_edsr_layout(4)) / 1e6) == 43
 
 
+@pytest.mark.slow
 def test_official_tensors_land_in_place(paper: SimpleNamespace) -> None:
     s, loaded = paper.scale, paper.loaded
     assert loaded.scale == s and loaded.config == preset("paper", s)
@@ -424,6 +425,7 @@ def test_official_outputs_match_direct_load(paper: SimpleNamespace) -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_load_model_official_folders(official_root: Path, tmp_path: Path) -> None:
     """A folder with 2x/ and 4x/, and a plain kgn/usn folder without ``module.``, both resolve.
 

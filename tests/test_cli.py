@@ -59,6 +59,7 @@ def mixed(tmp_path: Path) -> Path:
 GOOD = {"good": (23, 31), "photo": (18, 21), "rgba": (17, 26), "grey16": (19, 13), "dot": (1, 1)}
 
 
+@pytest.mark.slow
 def test_mixed_folder_downscale_upscale_roundtrip(mixed: Path, tmp_path: Path, tiny_weights):
     lr_dir, up_dir, rt_dir = tmp_path / "lr", tmp_path / "up", tmp_path / "rt"
     result = car("downscale", mixed, lr_dir, "-w", tiny_weights, "--json", tmp_path / "d.json")
@@ -316,6 +317,7 @@ def test_help_reads_the_same_on_every_typer() -> None:
     assert "FILE" in next(line for line in result.stdout.splitlines() if "--json" in line)
 
 
+@pytest.mark.slow
 def test_help_and_usage_errors_do_not_import_torch() -> None:
     """`car --help` and a bad option answer without importing torch (seconds of start-up);
     the API names of the package still resolve, on first use."""
@@ -357,6 +359,7 @@ def _roundtrip_json(folder: Path, scale: int, weights: Path, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_set5_bicubic_baseline(datasets_dir: Path, tiny_ckpt, tmp_path: Path) -> None:
     for scale, expected in ((4, 28.4), (2, 33.6)):
         report = _roundtrip_json(
@@ -366,6 +369,7 @@ def test_set5_bicubic_baseline(datasets_dir: Path, tiny_ckpt, tmp_path: Path) ->
         assert report["baselines"]["bicubic"]["psnr"] == pytest.approx(expected, abs=0.1)
 
 
+@pytest.mark.slow
 def test_set14_all_images(datasets_dir: Path, tiny_ckpt, tmp_path: Path) -> None:
     report = _roundtrip_json(datasets_dir / "val" / "Set14", 4, tiny_ckpt(4), tmp_path / "r.json")
     assert report["count"] == 14

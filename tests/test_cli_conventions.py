@@ -66,6 +66,7 @@ def run_probe(*args: str | Path) -> tuple[int, bool, str]:
     return int(line[1]), line[2] == "True", result.stderr
 
 
+@pytest.mark.slow
 def test_usage_errors_answer_without_importing_torch(tmp_path: Path) -> None:
     src = folder(tmp_path / "src", {"x.png": (12, 12), "x.jpg": (12, 12)})
     cases = [
@@ -145,6 +146,7 @@ def test_suffix_and_collisions(tmp_path: Path, tiny_weights: Path) -> None:
 # --------------------------------------------------------------------------- upscale
 
 
+@pytest.mark.slow
 def test_upscale_takes_the_scale_from_the_note(tmp_path: Path, tiny_weights: Path) -> None:
     src = folder(tmp_path / "src", {"a.png": (41, 53)})
     assert car("downscale", src, tmp_path / "lr", "-s", "2", "-w", tiny_weights).exit_code == 0
@@ -240,6 +242,7 @@ def test_upscale_uses_an_installed_generic_upscaler(
 # --------------------------------------------------------------------------- stdin / stdout
 
 
+@pytest.mark.slow
 def test_stdin_to_stdout_pipeline(tmp_path: Path, tiny_weights: Path) -> None:
     original = photo(41, 53, seed=7)
     buf = io.BytesIO()

@@ -17,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # torchrun and several processes
+
 REPO = Path(__file__).resolve().parents[1]
 SEED = 3  # the model's initialisation and the patches; printed by the failing assert
 BATCH = 2  # per rank

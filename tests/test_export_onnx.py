@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from carcli.cli import app
 from carcli.models.quantize import quantize
 
+pytestmark = pytest.mark.slow  # ONNX export and ONNX Runtime
+
 SAMPLES = Path(__file__).resolve().parents[1] / "carcli" / "samples"
 
 

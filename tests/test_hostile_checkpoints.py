@@ -102,6 +102,7 @@ def test_invalid_config_metadata_is_one_line(
     assert_one_error(result, 2, str(bad), "invalid model config", needle)
 
 
+@pytest.mark.slow
 def test_config_claiming_a_huge_network_is_refused_before_allocating(
     tiny_ckpt, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,6 +131,7 @@ def test_config_claiming_a_huge_network_is_refused_before_allocating(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_weights_are_refused_at_load(
     tiny_ckpt, images: Path, tmp_path: Path, value: float

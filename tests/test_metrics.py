@@ -215,6 +215,7 @@ def test_float32_path_close_to_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ssim_y(pred, target, 4) == pytest.approx(ref_ssim, abs=1e-5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     target = _rand(2, 3, 64, 48, seed=17)

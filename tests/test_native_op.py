@@ -1,11 +1,15 @@
 """The native resampling op (carcli/ops/csrc, carcli/ops/native.py).
 
-Three groups:
+Four groups:
 
-* the C++ CPU build of the shared per-pixel arithmetic against the reference
-  (built once per session with torch.utils.cpp_extension into the normal
-  per-user cache, so later sessions only load it; skipped without a compiler);
-* the CUDA build on a GPU (skipped without one);
+* what only the C++ CPU build has to show (per-pixel loop, borders, tiny
+  images, strides, argument checks, the opt-in front), built once per session
+  with torch.utils.cpp_extension into the normal per-user cache, so later
+  sessions only load it; skipped without a compiler;
+* what only the CUDA build has to show (dispatch, fallback on the GPU, 64-bit
+  indexing, agreement with the CPU build), skipped without a GPU;
+* one tester for both devices: forward, backward, gradcheck and opcheck
+  against the reference, parametrised by device;
 * nvcc compiling the CUDA sources to catch syntax and template errors on
   machines without a GPU (skipped without nvcc). It runs in the background,
   next to the CPU build, and its test comes last in this file.
@@ -32,6 +36,7 @@ from test_resample_op import slow_resample  # noqa: E402
 
 CSRC = Path(native.__file__).resolve().parent / "csrc"
 HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.native
 
 
 def random_inputs(
@@ -160,16 +165,6 @@ CASES = [  # scale, b, c, h, w (LR), offset scale
 ]
 
 
-@pytest.mark.parametrize("scale,b,c,h,w,off", CASES)
-def test_cpu_forward_matches_reference(cpu_build, scale, b, c, h, w, off):
-    k = 9 if scale == 3 else None
-    inputs = random_inputs(b, c, h, w, scale, off, seed=scale * 100 + h, k=k)
-    expected = resample_reference(*inputs, scale)
-    torch.testing.assert_close(op(*inputs, scale), expected, rtol=1e-12, atol=1e-12)
-    got32 = op(*(t.float() for t in inputs), scale)
-    torch.testing.assert_close(got32.double(), expected, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("scale,h,w,off", [(2, 3, 4, 1.0), (4, 2, 3, 2.5)])
 def test_cpu_forward_matches_per_pixel_loop(cpu_build, scale, h, w, off):
     inputs = random_inputs(2, 3, h, w, scale, off, seed=7)
@@ -208,15 +203,6 @@ def test_cpu_tiny_images_use_the_reference_padding(cpu_build, scale, b, h, w, k)
     )
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 2e-2)])
-def test_cpu_half_precision_accumulates_in_float(cpu_build, dtype, tol):
-    inputs = random_inputs(2, 3, 9, 11, 4, seed=5)
-    expected = resample_reference(*inputs, 4)
-    got = op(*(t.to(dtype) for t in inputs), 4)
-    assert got.dtype == dtype
-    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
-
-
 def test_cpu_non_contiguous_inputs(cpu_build):
     hr, kern, dx, dy = random_inputs(2, 3, 6, 5, 2, seed=9)
     expected = resample_reference(hr, kern, dx, dy, 2)
@@ -229,20 +215,6 @@ def test_cpu_non_contiguous_inputs(cpu_build):
     torch.testing.assert_close(op(hr_t, kern_t, dx_big, dy, 2), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("scale,b,c,h,w,off", CASES[:4])
-def test_cpu_backward_matches_reference_autograd(cpu_build, scale, b, c, h, w, off):
-    inputs = random_inputs(b, c, h, w, scale, off, seed=scale + h)
-    grad_out = torch.randn(
-        b, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
-    )
-    _, expected = grads(lambda *a: resample_reference(*a, scale), inputs, grad_out)
-    _, got = grads(lambda *a: op(*a, scale), inputs, grad_out)
-    for name, g, e in zip(
-        ("image", "kernels", "offsets_h", "offsets_v"), got, expected, strict=True
-    ):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
-
-
 def test_cpu_backward_without_image_gradient(cpu_build):
     inputs = random_inputs(2, 3, 4, 5, 2, seed=2)
     grad_out = torch.randn(2, 3, 4, 5, dtype=torch.float64)
@@ -252,34 +224,6 @@ def test_cpu_backward_without_image_gradient(cpu_build):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
     grad_hr, *_ = torch.ops.carcli.resample_backward(grad_out, *inputs, 2, False)
     assert grad_hr.numel() == 0
-
-
-def test_cpu_backward_float32_and_half(cpu_build):
-    inputs = random_inputs(1, 3, 5, 6, 4, seed=4)
-    grad_out = torch.randn(1, 3, 5, 6, dtype=torch.float64)
-    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 3e-2)):
-        low = [t.to(dtype) for t in inputs]
-        ref_in = [t.double() for t in low]
-        _, expected = grads(
-            lambda *a: resample_reference(*a, 4), ref_in, grad_out.to(dtype).double()
-        )
-        _, got = grads(lambda *a: op(*a, 4), low, grad_out.to(dtype))
-        assert_low_precision_grads(got, expected, low, 4, tol)
-
-
-@pytest.mark.parametrize("scale", [2, 4])
-def test_cpu_gradcheck(cpu_build, scale):
-    inputs = random_inputs(1, 2, 2, 3, scale, offset_scale=1.3, seed=scale)
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    assert torch.autograd.gradcheck(lambda *a: op(*a, scale), leaves, eps=1e-6, atol=1e-6)
-
-
-def test_cpu_opcheck(cpu_build):
-    """Schema, fake (meta) implementation, autograd registration, and tracing by
-    AOTAutograd with dynamic shapes (what torch.compile does)."""
-    inputs = random_inputs(1, 3, 3, 4, 2, seed=6)
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    torch.library.opcheck(torch.ops.carcli.resample.default, (*leaves, 2))
 
 
 def test_cpu_rejects_bad_arguments(cpu_build):
@@ -352,6 +296,7 @@ def test_build_key_tracks_sources_and_cache_location(monkeypatch, tmp_path):
     assert native.build_key("cpu") not in (key, native.build_key("cuda"))
 
 
+@pytest.mark.slow
 def test_import_compiles_nothing(tmp_path):
     code = (
         "import torch, carcli.ops\n"
@@ -416,24 +361,7 @@ GPU_CASES = [  # scale, b, c, h, w, offset scale: odd sizes, batch 3, reaching t
 ]
 
 
-@needs_cuda
-@pytest.mark.parametrize("scale,b,c,h,w,off", GPU_CASES)
-def test_cuda_forward_matches_reference(cuda_build, scale, b, c, h, w, off):
-    inputs = random_inputs(b, c, h, w, scale, off, seed=h * w)
-    expected = resample_reference(*inputs, scale)
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.float16, 1e-2)):
-        got = op(*(t.to("cuda", dtype) for t in inputs), scale)
-        assert got.dtype == dtype and got.is_cuda
-        torch.testing.assert_close(got.cpu().double(), expected, rtol=tol, atol=tol)
-    got = op(*(t.to("cuda", torch.bfloat16) for t in inputs), scale)
-    torch.testing.assert_close(got.cpu().double(), expected, rtol=2e-2, atol=2e-2)
-    # float32 against the float32 reference run on the same GPU
-    inputs32 = [t.to("cuda", torch.float32) for t in inputs]
-    torch.testing.assert_close(
-        op(*inputs32, scale), resample_reference(*inputs32, scale), rtol=1e-5, atol=1e-5
-    )
-
-
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_resample_front_dispatches_to_the_native_op(cuda_build):
     inputs = [t.cuda() for t in random_inputs(2, 3, 5, 6, 2, seed=1)]
@@ -445,36 +373,7 @@ def test_cuda_resample_front_dispatches_to_the_native_op(cuda_build):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-@needs_cuda
-@pytest.mark.parametrize("scale,b,c,h,w,off", GPU_CASES[:4])
-def test_cuda_backward_matches_reference_autograd(cuda_build, scale, b, c, h, w, off):
-    inputs = [t.cuda() for t in random_inputs(b, c, h, w, scale, off, seed=h + w)]
-    grad_out = torch.randn(b, c, h, w, dtype=torch.float64, device="cuda")
-    _, expected = grads(lambda *a: resample_reference(*a, scale), inputs, grad_out)
-    _, got = grads(lambda *a: op(*a, scale), inputs, grad_out)
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
-    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 3e-2)):
-        low = [t.to(dtype) for t in inputs]
-        low_grad = grad_out.to(dtype)
-        ref_in = [t.double() for t in low]
-        _, expected = grads(lambda *a: resample_reference(*a, scale), ref_in, low_grad.double())
-        _, got = grads(lambda *a: op(*a, scale), low, low_grad)
-        assert_low_precision_grads(got, expected, low, scale, tol)
-
-
-@needs_cuda
-@pytest.mark.parametrize("scale", [2, 4])
-def test_cuda_gradcheck(cuda_build, scale):
-    inputs = random_inputs(2, 2, 3, 2, scale, offset_scale=1.3, seed=scale, device="cuda")
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    # The image gradient sums with atomics, so two backward passes may differ
-    # in the last bits (nondet_tol).
-    assert torch.autograd.gradcheck(
-        lambda *a: op(*a, scale), leaves, eps=1e-6, atol=1e-6, nondet_tol=1e-12
-    )
-
-
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_fallback_uses_the_reference_on_the_gpu(monkeypatch):
     monkeypatch.setattr(native, "_loaded_flavour", None)
@@ -489,6 +388,7 @@ def test_cuda_fallback_uses_the_reference_on_the_gpu(monkeypatch):
     assert native.active_backend("cuda") == "torch"
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_matches_cpu_build(cuda_build):
     inputs = random_inputs(3, 3, 21, 19, 4, 1.5, dtype=torch.float32, seed=12)
@@ -497,13 +397,7 @@ def test_cuda_matches_cpu_build(cuda_build):
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-6)
 
 
-@needs_cuda
-def test_cuda_opcheck(cuda_build):
-    inputs = random_inputs(1, 3, 3, 4, 2, seed=6, device="cuda")
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    torch.library.opcheck(torch.ops.carcli.resample.default, (*leaves, 2))
-
-
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.skipif(
     os.environ.get("CARCLI_TEST_LARGE") != "1", reason="set CARCLI_TEST_LARGE=1 (needs ~20 GB)"
@@ -522,6 +416,7 @@ def test_cuda_64bit_indexing(cuda_build):
     torch.testing.assert_close(out[:, last].float(), expected, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("scale", [2, 4])
 def test_cuda_roundtrip_psnr_matches_cpu(cuda_build, scale):
@@ -550,9 +445,114 @@ def test_cuda_roundtrip_psnr_matches_cpu(cuda_build, scale):
     assert abs(psnr_y(gpu, hr, shave=scale) - psnr_y(cpu, hr, shave=scale)) < 0.01
 
 
+# ------------------------------------------------- both devices, one tester --
+# The same checks on the C++ CPU build and on the CUDA build, each on its own
+# cases and with its own float tolerances (the GPU's fused multiply-adds and
+# atomic sums round differently).
+
+
+def _on(device: str, *cases: tuple) -> list:
+    """``pytest.param(device, *case)`` for each case, marked and skipped as the device needs."""
+    marks = [pytest.mark.cuda, needs_cuda] if device == "cuda" else []
+    return [pytest.param(device, *case, marks=marks) for case in cases]
+
+
+@pytest.fixture
+def built(request: pytest.FixtureRequest):  # noqa: ANN201
+    """Call with a device: builds (or skips) that device's native op for this test."""
+    return lambda device: request.getfixturevalue(f"{device}_build")
+
+
+F32_TOL = {"cpu": (1e-5, 1e-6), "cuda": (1e-5, 1e-5)}  # forward (rtol, atol)
+F64_GRAD_TOL = {"cpu": 1e-10, "cuda": 1e-9}
+HALF_TOL = ((torch.float16, 1e-2), (torch.bfloat16, 2e-2))
+
+
+@pytest.mark.parametrize(
+    "device,scale,b,c,h,w,off",
+    _on("cpu", *CASES, (4, 2, 3, 9, 11, 1.0)) + _on("cuda", *GPU_CASES),
+)
+def test_forward_matches_reference(built, device, scale, b, c, h, w, off):
+    """float64 to the last bits; float32 and the half types (which accumulate in float32)."""
+    built(device)
+    k = 9 if scale == 3 else None
+    inputs = random_inputs(b, c, h, w, scale, off, seed=scale * 100 + h * w, k=k)
+    expected = resample_reference(*inputs, scale)
+    got = op(*(t.to(device) for t in inputs), scale)
+    assert got.device.type == device
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-12)
+    rtol, atol = F32_TOL[device]
+    got32 = op(*(t.to(device, torch.float32) for t in inputs), scale).cpu()
+    torch.testing.assert_close(got32.double(), expected, rtol=rtol, atol=atol)
+    for dtype, tol in HALF_TOL:
+        got = op(*(t.to(device, dtype) for t in inputs), scale)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.cpu().double(), expected, rtol=tol, atol=tol)
+    # float32 against the float32 reference run on the same device
+    inputs32 = [t.to(device, torch.float32) for t in inputs]
+    torch.testing.assert_close(
+        op(*inputs32, scale), resample_reference(*inputs32, scale), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "device,scale,b,c,h,w,off",
+    _on("cpu", *CASES[:4], (4, 1, 3, 5, 6, 1.0)) + _on("cuda", *GPU_CASES[:4]),
+)
+def test_backward_matches_reference_autograd(built, device, scale, b, c, h, w, off):
+    """All four gradients: float64 to the last bits, float32 and fp16 within their precision."""
+    built(device)
+    inputs = [t.to(device) for t in random_inputs(b, c, h, w, scale, off, seed=scale + h)]
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(b, c, h, w, dtype=torch.float64, generator=gen).to(device)
+    _, expected = grads(lambda *a: resample_reference(*a, scale), inputs, grad_out)
+    _, got = grads(lambda *a: op(*a, scale), inputs, grad_out)
+    tol = F64_GRAD_TOL[device]
+    for name, g, e in zip(
+        ("image", "kernels", "offsets_h", "offsets_v"), got, expected, strict=True
+    ):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 3e-2)):
+        low = [t.to(dtype) for t in inputs]
+        low_grad = grad_out.to(dtype)
+        ref_in = [t.double() for t in low]
+        _, expected = grads(lambda *a: resample_reference(*a, scale), ref_in, low_grad.double())
+        _, got = grads(lambda *a: op(*a, scale), low, low_grad)
+        assert_low_precision_grads(got, expected, low, scale, tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "device,scale,b,c,h,w,nondet_tol",
+    # On CUDA the image gradient sums with atomics, so two backward passes may differ
+    # in the last bits; the CPU build is deterministic.
+    _on("cpu", (2, 1, 2, 2, 3, 0.0), (4, 1, 2, 2, 3, 0.0))
+    + _on("cuda", (2, 2, 2, 3, 2, 1e-12), (4, 2, 2, 3, 2, 1e-12)),
+)
+def test_gradcheck(built, device, scale, b, c, h, w, nondet_tol):
+    built(device)
+    inputs = random_inputs(b, c, h, w, scale, offset_scale=1.3, seed=scale, device=device)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(
+        lambda *a: op(*a, scale), leaves, eps=1e-6, atol=1e-6, nondet_tol=nondet_tol
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", _on("cpu", ()) + _on("cuda", ()))
+def test_opcheck(built, device):
+    """Schema, fake (meta) implementation, autograd registration, and tracing by
+    AOTAutograd with dynamic shapes (what torch.compile does)."""
+    built(device)
+    inputs = random_inputs(1, 3, 3, 4, 2, seed=6, device=device)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    torch.library.opcheck(torch.ops.carcli.resample.default, (*leaves, 2))
+
+
 # -------------------------------------------------------- nvcc, last --
 
 
+@pytest.mark.slow
 def test_cuda_sources_compile_with_nvcc(cuda_compile_jobs):
     if cuda_compile_jobs is None:
         pytest.skip("nvcc is not on the PATH")

@@ -124,6 +124,7 @@ def test_centre_tap_samples_block_centre(scale):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [2, 4])
 def test_gradcheck(scale):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)

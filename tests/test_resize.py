@@ -194,6 +194,7 @@ def test_differentiable() -> None:
     assert torch.autograd.gradcheck(lambda t: bicubic_upscale(t, 2, size=(13, 11)), (x,))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     x = _rand(2, 3, 45, 37, seed=23)

@@ -26,6 +26,8 @@ from carcli.models import CARModel, op_halo, preset, quantize
 from carcli.tiler import TiledModel, spans
 
 SAMPLES = Path(__file__).resolve().parents[1] / "carcli" / "samples"
+# Some tests draw random weights, crops or sample names: seeded per test and printed.
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 @pytest.fixture(autouse=True)
@@ -125,6 +127,7 @@ CASES = [  # (content, height, width); odd sizes, not multiples of 8 or of the s
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [2, 4])
 @pytest.mark.parametrize("content,height,width", CASES)
 def test_tiled_matches_untiled(scale: int, content: str, height: int, width: int) -> None:
@@ -305,6 +308,7 @@ def test_out_of_memory_retries_with_smaller_tiles(monkeypatch: pytest.MonkeyPatc
     assert runner.notes and "smaller tiles" in runner.notes[0]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_out_of_memory_retries_with_smaller_tiles() -> None:
     """A real CUDA OOM under a forced small memory budget, recovered by smaller tiles."""

@@ -28,9 +28,14 @@ def _smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.asarray(img)
 
 
+# Every test here draws from the global generators (random configs, weights, patches):
+# seeded per test and printed (conftest.seed).
+pytestmark = pytest.mark.usefixtures("seed")
+
+
 @pytest.fixture
-def train_dir(tmp_path: Path) -> Path:
-    rng = np.random.default_rng()
+def train_dir(tmp_path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
     folder = tmp_path / "train"
     folder.mkdir()
     for i in range(4):
@@ -345,7 +350,7 @@ def test_car_train_and_export_commands(train_dir: Path, tmp_path: Path):
 
     val = tmp_path / "val"
     val.mkdir()
-    Image.fromarray(_smooth_image(np.random.default_rng(), 24, 40)).save(val / "v.png")
+    Image.fromarray(_smooth_image(np.random.default_rng(1), 24, 40)).save(val / "v.png")
     run = tmp_path / "run"
     common = ["--data", str(train_dir), "--val", str(val), "--run", str(run), "--quiet"]
     options = ["--scale", "2", "--config", "tiny", "--patch", "32", "--batch", "2"]
