@@ -5,6 +5,68 @@
 >>> restored = carcli.upscale(small, scale=4)
 >>> restored = carcli.roundtrip(image, scale=4)       # both steps in memory
 >>> carcli.save(small, "small.png")                   # PNG that remembers the original size
+
+Module map (one job each; docs/architecture.md says more)::
+
+    Command line (no torch until a command runs)
+      `cli`                   the `car` command: options -> a task for the batch runner -> exit code
+      `__main__`              `python -m carcli` runs `car`
+      `console`               what the user sees: progress, error lines (`user_errors`), tables
+      `defaults`              defaults `--help` shows, free of heavy imports
+      `formats`               file names, formats and PNG notes: image I/O that needs no decoder
+      `paths`                 INPUT files, and OUTPUT checked against INPUT
+      `report`                the `--json` report schema of downscale, upscale and roundtrip
+      `errors`                every error a user can cause and its exit code
+      `info`                  what `car info` reports: versions, devices, backends, weights
+
+    Library: running the networks
+      `api`                   the one-call API: `carcli.downscale`, `upscale`, `roundtrip`
+      `runpolicy`             `RunPolicy`: device, precision, threads, memory budget
+      `engine`                `Processor` (a model on tensors); `build_processor`, the factory
+      `tiler`                 any image size in bounded memory: tiles with margins, OOM retries
+      `pictures`              a processor on a `Picture`: alpha, bit depth, source-size note
+      `batch`                 the runner: load -> compute -> save per file, errors per file
+      `tasks`                 the three commands' work per file (downscale, upscale, round trip)
+      `evaluation`            the round trip as a measurement: `--json` means, `evaluate_folder`
+      `refine`                encoder-side refinement of the LR image against the SR network
+      `streaming`             background decode and encode around the compute loop, in order
+      `imageio`               reading, writing, finding images (bit depth, alpha, ICC, atomic)
+      `metrics`               Y-PSNR and SSIM as the literature measures them, in bands
+      `resize`                MATLAB-compatible bicubic, and the bicubic round-trip baseline
+      `compare`               side-by-side comparison images for `car roundtrip --compare`
+      `checkpoints`           finding, saving and loading weights (carcli's and the authors')
+      `bundled`               files inside the package: shipped weights and sample photos
+      `export_onnx`           both networks as ONNX graphs
+      `pipeline`, `tiling`    former homes of the above, kept as re-exports for old imports
+
+    Networks (`models`) and the op (`ops`)
+      `models.car`            `CARModel`: resampler + op + 8-bit rounding + SR; its margin
+      `models.config`         network configurations and presets; `check_scale`
+      `models.resampler`      the kernel-generation network, float32 kernel head, reach
+      `models.sr`             `SRNetwork` (what an SR network offers) and `register_sr`
+      `models.edsr`           EDSR, registered as "edsr": its two stages, float32 ends and margins
+      `models.layers`         building blocks laid out like the authors' files
+      `models.precision`      mixed precision: one autocast helper for inference and training
+      `models.quantize`       every quantiser: 8-bit LR, N-bit outputs, the training gradient
+      `ops.resample`          the op's front: picks a backend
+      `ops.reference`         the op in pure PyTorch, any device, differentiable
+      `ops.native`            the op's C++/CUDA backend, built on first use (`ops/csrc`)
+
+    Training (`train`: never imports the inference internals above)
+      `train.commands`        `car train`, `export`, `average`: collect options, report errors
+      `train.config`          `TrainConfig`: the one set of defaults, checks and resume rules
+      `train.trainer`         the loop: joint optimisation, EMA, validation, resumable state
+      `train.data`            training patches: images decoded once, random augmented crops
+      `train.losses`          the regularisers on kernels and offsets
+      `train.progress`        what `car train` shows while it runs
+      `train.ddp`             many processes under torchrun (DistributedDataParallel)
+      `train.export`          a run -> the inference checkpoint `car` loads, with CPU timing
+      `train.average`         weight averaging of checkpoints (a model soup)
+      `train.__main__`        `python -m carcli.train`
+
+    Beyond one process (`distributed`)
+      `distributed.commands`  `car batch`: the local commands on a Ray cluster
+      `distributed.ray_batch` its engine: the same tasks in a pool of Ray actors
 """
 
 from __future__ import annotations
