@@ -355,6 +355,8 @@ def picture_from_pil(im: Image.Image) -> Picture:
     """A :class:`Picture` from an in-memory PIL image (colour modes and profiles as in
     :func:`read_image`)."""
     text = {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+    if isinstance(im.info.get("xmp"), (bytes, str)):  # a WebP/JPEG that carcli wrote
+        text.update(parse_note_xmp(im.info["xmp"]))
     im, notes = to_srgb(im)
     array, grey = _pil_to_array(im)
     picture = picture_from_array(array)

@@ -216,6 +216,9 @@ def test_save_keeps_the_source_size_note(tmp_path: Path, tiny_weights: Path) -> 
     restored = carcli.upscale(Image.open(kept), scale=4, weights=tiny_weights, device="cpu")
     assert lost.size == (228, 344)
     assert restored.size == (227, 341)
+    carcli.save(small, tmp_path / "kept.webp")  # lossless WebP: the note goes into XMP
+    webp = carcli.upscale(Image.open(tmp_path / "kept.webp"), 4, tiny_weights, device="cpu")
+    assert webp.size == (227, 341)
 
 
 @pytest.mark.parametrize("fmt", ["png", "webp", "jpg"])
