@@ -24,6 +24,7 @@ from carcli.formats import is_stdio
 from carcli.imageio import (
     Picture,
     read_image,
+    remove_stale_temps,
 )
 from carcli.streaming import OrderedWorker, Prefetcher
 from carcli.tiler import is_oom
@@ -199,6 +200,7 @@ class _Job:
     picture: Picture | None = None
     result: Result | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     pixels: int = 0
     seconds: float = 0.0
 
@@ -233,11 +235,16 @@ def _load(task: Task, item: Item) -> _Job:
     if item.error:
         job.status, job.error = "failed", item.error
         return job
+    stale = sum(remove_stale_temps(p) for p in item.outputs.values() if not is_stdio(p))
+    if stale:
+        job.notes.append(f"removed {stale} temp file(s) an interrupted run left next to outputs")
+    # A folder where an output belongs is not a finished output: the write then
+    # says what is in the way, instead of the image being skipped for good.
     if (
         task.skip_done
         and not task.overwrite
         and item.outputs
-        and all(p.exists() and not is_stdio(p) for p in item.outputs.values())
+        and all(p.exists() and not p.is_dir() and not is_stdio(p) for p in item.outputs.values())
     ):
         job.status = "skipped"
         return job
@@ -250,6 +257,7 @@ def _load(task: Task, item: Item) -> _Job:
         job.seconds += time.perf_counter() - start
     job.pixels = job.picture.width * job.picture.height
     job.notes += job.picture.notes  # what reading changed, e.g. a colour profile converted
+    job.warnings += job.picture.warnings  # what reading could not keep (frames, clipping)
     return job
 
 
@@ -338,7 +346,7 @@ def run_batch(task: Task, items: Sequence[Item], reporter: Reporter) -> list[Out
             result = job.result
             for message in job.notes + (result.notes if result else []):
                 reporter.note(message)
-            for message in result.warnings if result else []:
+            for message in job.warnings + (result.warnings if result else []):
                 reporter.warn(job.item.rel, message)
             outcome = Outcome(job.item, job.status, job.error, seconds=job.seconds)
             if job.status == "ok" and result is not None:

@@ -403,6 +403,7 @@ def _report(
 
 
 def _write_json(path: Path | None, data: dict[str, Any]) -> bool:
+    """Write the report atomically; False (one error line, never a traceback) if it fails."""
     if path is None:
         return True
     from carcli.imageio import ImageWriteError, atomic_write_bytes
@@ -410,8 +411,11 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> bool:
     text = json.dumps(data, indent=2, default=str) + "\n"
     try:
         atomic_write_bytes(path, text.encode())
-    except ImageWriteError as exc:
-        stderr_console().print(f"error: --json: {exc}", style="red", markup=False, soft_wrap=True)
+    except (ImageWriteError, OSError) as exc:
+        message = str(exc) if isinstance(exc, ImageWriteError) else exc.strerror or str(exc)
+        stderr_console().print(
+            f"error: --json: {message}", style="red", markup=False, highlight=False, soft_wrap=True
+        )
         return False
     return True
 
@@ -522,7 +526,7 @@ def _writing_plan(
 ) -> tuple[Path | None, Path | None, str, list[tuple[Path, Path]]]:
     """Everything downscale and upscale check before loading a model (no torch)."""
     from carcli.formats import FORMATS, output_name
-    from carcli.paths import check_input, check_paths, output_target
+    from carcli.paths import check_input, check_paths, check_report_target, output_target
 
     check_input(input)
     _check_suffix(suffix)
@@ -539,6 +543,9 @@ def _writing_plan(
         return [out_dir / output_name(rel, extension, suffix)]
 
     _check_collisions(inputs, outputs, suffix)
+    check_report_target(
+        json_file, [src for src, _ in inputs], [p for _, rel in inputs for p in outputs(rel)]
+    )
     return out_dir, out_file, fmt_name, inputs
 
 
@@ -716,7 +723,7 @@ def roundtrip(
     from carcli.console import roundtrip_table, stdout_console
     from carcli.errors import UsageError
     from carcli.formats import is_stdio, output_name
-    from carcli.paths import check_input, check_paths
+    from carcli.paths import check_input, check_paths, check_report_target
 
     started = time.perf_counter()
     with _user_errors():
@@ -738,6 +745,13 @@ def roundtrip(
             if output.exists() and not output.is_dir():
                 raise UsageError(f"--output must be a folder, but {output} is a file")
         inputs = _inputs(input, recursive)
+        roles = ("lr", "sr", "compare") if compare else ("lr", "sr")
+        written = [
+            output / role / output_name(rel, ".png", suffix)
+            for _, rel in inputs
+            for role in (roles if output is not None else ())
+        ]
+        check_report_target(json_file, [src for src, _ in inputs], written)
         if output is not None:
             _check_collisions(
                 inputs, lambda rel: [output / "sr" / output_name(rel, ".png", suffix)], suffix
@@ -776,7 +790,10 @@ def info(json_file: JsonOpt = None) -> None:
     """Versions, devices and their resampling backend, installed weights and where they live."""
     from carcli.console import info_tables, stdout_console
     from carcli.info import gather
+    from carcli.paths import check_report_target
 
+    with _user_errors():
+        check_report_target(json_file, [], [])
     data = gather()
     console = stdout_console()
     for renderable in info_tables(data):
@@ -896,9 +913,55 @@ def _readable_metavar(param: Any) -> Any:
     return param
 
 
+def dash_names_hint(command: Any) -> Any:
+    """Name the real mistake when a file name starting with ``-`` was read as an option.
+
+    Click reports ``-x.png`` as "No such option: -x", which names the wrong
+    thing; when the token is an existing path (or looks like an image file),
+    the error says how to pass it instead.
+    """
+    for sub in getattr(command, "commands", {}).values():
+        dash_names_hint(sub)
+    original = command.parse_args
+
+    def parse_args(ctx: Any, args: list[str]) -> Any:
+        given = list(args)  # the parser consumes ``args`` as it goes
+        try:
+            return original(ctx, args)
+        except Exception as exc:
+            # click's or typer's own copy of it (typer 0.27+), whichever parsed the line
+            if type(exc).__name__ != "NoSuchOption" or (token := _dash_file(given)) is None:
+                raise
+            usage_error = sys.modules[type(exc).__module__].UsageError
+            raise usage_error(
+                f"{token} starts with '-', so it was read as an option; to pass a file of "
+                f"that name, put -- before it (car {ctx.info_name} [OPTIONS] -- {token} ...) "
+                f"or write it as ./{token}",
+                ctx,
+            ) from None
+
+    command.parse_args = parse_args
+    return command
+
+
+def _dash_file(args: Sequence[str]) -> str | None:
+    """The first argument before ``--`` that starts with '-' and names a file (or looks so)."""
+    import os
+
+    from carcli.formats import IMAGE_SUFFIXES
+
+    for arg in args:
+        if arg == "--":
+            return None
+        dashed = len(arg) > 1 and arg.startswith("-") and "=" not in arg
+        if dashed and (os.path.lexists(arg) or Path(arg).suffix.lower() in IMAGE_SUFFIXES):
+            return arg
+    return None
+
+
 def main() -> None:
     """Console-script entry point (``car``)."""
-    readable_help(typer.main.get_command(app))()
+    dash_names_hint(readable_help(typer.main.get_command(app)))()
 
 
 # `car batch`: the commands above on a Ray cluster (carcli.distributed; needs carcli[ray]).

@@ -51,17 +51,26 @@ def user_errors(interrupted: str | None = None) -> Iterator[None]:
     errors). ``interrupted`` is the line for Ctrl-C (exit 130); without it
     KeyboardInterrupt passes on.
     """
+    from carcli.interrupts import Terminated, like_ctrl_c
+
     err = stderr_console()
     try:
-        yield
+        # With an ``interrupted`` line, SIGTERM and SIGHUP end the work as Ctrl-C does
+        # (the file in flight finished or discarded), with exit code 128 + N.
+        with like_ctrl_c() if interrupted is not None else contextlib.nullcontext():
+            yield
     except CarError as exc:
         err.print(f"error: {exc.cli_message()}", style="red", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if interrupted is None:
             raise
+        code = EXIT_INTERRUPTED
+        if isinstance(exc, Terminated):
+            interrupted = interrupted.replace("interrupted", f"interrupted by {exc.name}", 1)
+            code = exc.exit_code
         err.print(interrupted, style="yellow", markup=False, highlight=False)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(code) from None
 
 
 class _RateColumn(ProgressColumn):

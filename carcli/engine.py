@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from carcli.defaults import REFINE_MAX_CHANGE
+from carcli.errors import ProcessingError
 from carcli.models import CARModel, lr_size
 from carcli.models.quantize import quantize_bits_
 from carcli.ops.reference import reflect_pad
@@ -22,6 +23,20 @@ from carcli.tiler import TiledModel
 # The resampler network works at H/8 and reflect-pads there, so it needs sides of
 # at least 9 pixels; smaller images are padded to this size first and cropped after.
 MIN_SIDE = 16
+
+
+def _finite(x: torch.Tensor, network: str) -> torch.Tensor:
+    """``x``, or ProcessingError if the network produced NaN or infinity (never a black image).
+
+    Weights are checked when they load; this catches what is left (an overflow
+    in half precision, a damaged model passed in through the Python API).
+    """
+    if not bool(torch.isfinite(x).all()):
+        raise ProcessingError(
+            f"the {network} network produced NaN or infinite values (damaged weights, or an "
+            "overflow at reduced precision: try --precision fp32)"
+        )
+    return x
 
 
 def _pad_small(x: torch.Tensor, min_side: int = MIN_SIDE) -> torch.Tensor:
@@ -91,7 +106,8 @@ class Processor:
         lh, lw = lr_size(h, w, self.scale)
         with torch.inference_mode():
             x = _pad_small(hr)
-            lr = quantize_bits_(self.runner.downscale(x, self.down_tile)[..., :lh, :lw], 8)
+            lr = _finite(self.runner.downscale(x, self.down_tile)[..., :lh, :lw], "resampler")
+            lr = quantize_bits_(lr, 8)
         if self.refine > 0:
             lr = self._refined(lr, hr)
         return lr[0] if squeeze else lr
@@ -116,7 +132,7 @@ class Processor:
         squeeze = lr.dim() == 3
         lr = _batched(lr)
         with torch.inference_mode():
-            hr = self.runner.upscale(lr.to(dtype=torch.float32), size, self.up_tile)
+            hr = _finite(self.runner.upscale(lr.to(dtype=torch.float32), size, self.up_tile), "SR")
         return hr[0] if squeeze else hr
 
     def roundtrip(self, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@ A message is one line. Where it names a parameter it uses :func:`param`, so
 the library shows the parameter's name (``precision``) and the command line
 its flag (``--precision``, :meth:`CarError.cli_message`). Exit codes, for
 every command: 0 all done, 1 something failed, 2 a usage error (the request
-itself cannot work), 130 interrupted. No heavy imports: the command line
+itself cannot work), 130 interrupted (Ctrl-C), 128 + N ended by signal N
+(SIGTERM 143, SIGHUP 129). No heavy imports: the command line
 reports usage errors before torch loads.
 """
 

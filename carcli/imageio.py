@@ -15,10 +15,12 @@ says which profile was converted, so the command can tell the user.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
 import secrets
+import stat
 import struct
 import sys
 import warnings
@@ -74,6 +76,9 @@ class Picture:
     grey: bool = False  # the source had a single colour channel
     text: dict[str, str] = field(default_factory=dict)  # PNG text chunks
     notes: list[str] = field(default_factory=list)  # what reading changed (colour profile)
+    # What reading could not keep (frames after the first, clipped float samples):
+    # printed as warnings naming the file, even with --quiet.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def height(self) -> int:
@@ -97,12 +102,47 @@ def read_image(path: Path | str) -> Picture:
         return decode_image(read_stdin())
     path = Path(path)
     try:
+        mode = os.stat(path).st_mode  # stat never blocks; opening a FIFO would, forever
+    except OSError as exc:
+        raise ImageReadError(exc.strerror or str(exc)) from None
+    if stat.S_ISDIR(mode):
+        raise ImageReadError("is a directory")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise ImageReadError(
+            f"is {kind}, not a regular file (use - to read an image from standard input)"
+        )
+    try:
         data = path.read_bytes()
-    except IsADirectoryError:
-        raise ImageReadError("is a directory") from None
     except OSError as exc:
         raise ImageReadError(exc.strerror or str(exc)) from None
     return decode_image(data)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _damage(data: bytes) -> str | None:
+    """Why a file that starts like a PNG/JPEG/WebP cannot be opened (None: not one of those).
+
+    Pillow only says "cannot identify image file" for a PNG whose header is cut
+    or fails its checksum; the user needs to hear that the file is a damaged
+    image, not that it is not one.
+    """
+    if data.startswith(_PNG_SIGNATURE):
+        if len(data) < 33:
+            return f"damaged PNG: the file ends inside its header ({len(data)} bytes)"
+        length, kind = struct.unpack(">I4s", data[8:16])
+        if kind != b"IHDR" or length != 13:
+            return "damaged PNG: the header chunk (IHDR) is missing or malformed"
+        if zlib.crc32(data[12:29]) & 0xFFFFFFFF != struct.unpack(">I", data[29:33])[0]:
+            return "damaged PNG: the header chunk (IHDR) fails its checksum"
+        return f"damaged PNG: cut short or malformed after its header ({len(data)} bytes)"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "damaged JPEG: its header cannot be read"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "damaged WebP: its header cannot be read"
+    return None
 
 
 def _is_heif(data: bytes) -> bool:
@@ -136,7 +176,7 @@ def decode_image(data: bytes) -> Picture:
             im = Image.open(io.BytesIO(data))
             im.load()  # decode everything now so truncation shows up here
     except UnidentifiedImageError:
-        raise ImageReadError("not an image, or not a supported format") from None
+        raise ImageReadError(_damage(data) or "not an image, or not a supported format") from None
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"image too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -169,7 +209,25 @@ def decode_image(data: bytes) -> Picture:
     picture.grey = grey
     picture.text = text
     picture.notes = notes
+    picture.warnings = _lost_on_reading(im)
     return picture
+
+
+def _lost_on_reading(im: Image.Image) -> list[str]:
+    """What of the file carcli does not process: frames after the first, clipped samples."""
+    lost = []
+    frames = getattr(im, "n_frames", 1)
+    if isinstance(frames, int) and frames > 1:
+        kind = "pages" if im.format == "TIFF" else "frames"
+        lost.append(f"has {frames} {kind}; only the first is processed")
+    if im.mode == "F":
+        low, high = im.getextrema()
+        if low < 0.0 or high > 1.0:
+            lost.append(
+                f"float samples span [{low:.4g}, {high:.4g}]; carcli reads float images as "
+                "[0, 1] and clips the rest (scale the image to [0, 1] first)"
+            )
+    return lost
 
 
 # --------------------------------------------------------------------------- colour profiles
@@ -517,6 +575,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         write_stdout(data)
         return
     path = Path(path)
+    if path.is_dir():
+        raise ImageWriteError(f"cannot write {path}: a folder of that name is in the way")
     if path.exists() and not path.is_file():
         try:
             with open(path, "wb") as handle:
@@ -524,11 +584,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except OSError as exc:
             raise ImageWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
         return
+    blocker = blocked_parent(path)
+    if blocker is not None:
+        raise ImageWriteError(f"cannot write {path}: {blocker} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ImageWriteError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
-    temp = path.with_name(f".{path.name}{_TEMP_MARKER}{secrets.token_hex(4)}")
+    temp = path.with_name(f".{path.name}{_TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with open(temp, "xb") as handle:
             handle.write(data)
@@ -536,10 +599,49 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException as exc:
-        temp.unlink(missing_ok=True)
+        # The cleanup must not raise in its turn (on a read-only file system, unlink
+        # fails too) and hide the reason, nor name the temp file instead of PATH.
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise ImageWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Delete temp files of ``path`` that interrupted runs left; how many were removed.
+
+    A temp file names the process that wrote it; one whose process is gone
+    (killed in the middle of a write, say) is a leftover. Temp files of live
+    processes, another run writing the same output, are left alone.
+    """
+    path = Path(path)
+    prefix = f".{path.name}{_TEMP_MARKER}"
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix)]
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        owner = name[len(prefix) :].split("-", 1)[0]
+        if owner.isdigit() and _process_alive(int(owner)):
+            continue
+        with contextlib.suppress(OSError):
+            (path.parent / name).unlink()
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def write_stdout(data: bytes) -> None:

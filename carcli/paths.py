@@ -7,6 +7,8 @@ library's own functions take tensors and pictures, not paths to check.
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from carcli.errors import UsageError
@@ -22,9 +24,58 @@ from carcli.formats import (
 
 
 def check_input(source: Path) -> None:
-    """INPUT must exist, or be ``-`` (standard input)."""
-    if not is_stdio(source) and not os.path.lexists(source):
+    """INPUT must exist and be a file or folder, or be ``-`` (standard input).
+
+    A FIFO or device given as INPUT is refused here: reading one blocks until
+    something writes to it, possibly forever.
+    """
+    if is_stdio(source):
+        return
+    if not os.path.lexists(source):
         raise UsageError(f"INPUT {source} does not exist")
+    try:
+        mode = os.stat(source).st_mode
+    except OSError as exc:
+        raise UsageError(f"INPUT {source}: {exc.strerror or exc}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise UsageError(
+            f"INPUT {source} is {kind}, not a file or folder (use - to read standard input)"
+        )
+
+
+def check_report_target(
+    report: Path | None, inputs: Iterable[Path], outputs: Iterable[Path]
+) -> None:
+    """``--json FILE`` gets the protection images get: never an input, never an output.
+
+    Any command that writes a report calls this before any work. It refuses a
+    report that would replace one of the run's input images, one of its own
+    outputs (which a resumed run would then skip for good), an existing image,
+    or a folder.
+    """
+    if report is None or is_stdio(report):
+        return
+    report = Path(report)
+    if report.is_dir():
+        raise UsageError(f"--json {report} is a folder; give a file name for the report")
+    real = os.path.realpath(report)
+    for src in inputs:
+        if not is_stdio(src) and os.path.realpath(src) == real:
+            raise UsageError(
+                f"--json {report} is an input of this run; refusing to replace it with the "
+                "report (choose another file name)"
+            )
+    for out in outputs:
+        if not is_stdio(out) and os.path.realpath(out) == real:
+            raise UsageError(
+                f"--json {report} is also an output of this run; choose another file name"
+            )
+    if report.exists() and is_image_path(Path(report.name)):
+        raise UsageError(
+            f"--json {report} is an existing image; refusing to replace it with the report "
+            "(choose a .json file name)"
+        )
 
 
 def collect_inputs(source: Path, recursive: bool = False) -> list[tuple[Path, Path]]:
@@ -78,6 +129,11 @@ def output_target(
         raise UsageError(
             "INPUT - (standard input) is one image: OUTPUT must be a file name "
             "(with an image suffix) or - (standard output)"
+        )
+    if one_file and not looks_like_file and not output.exists() and output.suffix:
+        raise UsageError(
+            f"OUTPUT {output}: {output.suffix} is not an image format carcli writes (.png, .webp, "
+            f".jpg); give an image file name, or create the folder {output} first to write into it"
         )
     if one_file and looks_like_file:
         try:

@@ -57,22 +57,40 @@ def upscale_batch(
     return list(processor.upscale(torch.stack(list(lrs)), size=size).unbind(0))
 
 
+def _clip(value: str, limit: int = 40) -> str:
+    """A text-chunk value as a message shows it: quoted, cut to ``limit`` characters.
+
+    The value comes from the file, which can hold kilobytes of anything; the
+    message must stay one readable line.
+    """
+    if len(value) <= limit:
+        return value
+    return repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
 def restored_size(picture: Picture, scale: int) -> tuple[tuple[int, int] | None, str | None]:
     """(H, W) recorded by ``car downscale`` if it fits this LR at ``scale``, and a warning."""
     raw = picture.text.get(SOURCE_SIZE_KEY)
     if raw is None:
         return None, None
     try:
+        if len(raw) > 40:  # no real size needs more digits; int() of 4300+ digits raises
+            raise ValueError(raw)
         width, height = (int(v) for v in raw.lower().split("x"))
     except ValueError:
-        return None, f"ignoring unreadable {SOURCE_SIZE_KEY} {raw!r}"
+        shown = repr(raw) if len(raw) <= 40 else _clip(raw)
+        return None, f"ignoring unreadable {SOURCE_SIZE_KEY} {shown}"
     made_at = picture.text.get(SCALE_KEY)
     if made_at is not None and made_at != str(scale):
-        return None, f"was downscaled at {made_at}x, upscaling at {scale}x (size not restored)"
+        return (
+            None,
+            f"was downscaled at {_clip(made_at)}x, upscaling at {scale}x (size not restored)",
+        )
     if lr_size(height, width, scale) != (picture.height, picture.width):
         return (
             None,
-            f"{SOURCE_SIZE_KEY} {raw} does not fit this {picture.width}x{picture.height} image",
+            f"{SOURCE_SIZE_KEY} {_clip(raw)} does not fit this "
+            f"{picture.width}x{picture.height} image",
         )
     return (height, width), None
 

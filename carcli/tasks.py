@@ -250,7 +250,7 @@ class RoundtripTask(Task):
 
     def save(self, item: Item, result: Result) -> None:
         for role, path in item.outputs.items():
-            if path.exists() and not self.overwrite:
+            if path.exists() and not path.is_dir() and not self.overwrite:
                 self.kept += 1  # the metrics are still fresh; only the file is left alone
                 continue
             picture = result.images[role]

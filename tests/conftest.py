@@ -120,3 +120,13 @@ def datasets_dir() -> Path:
     if not (DATASETS / "val").is_dir():
         pytest.skip(f"data sets not found at {DATASETS} (they live outside the repository)")
     return DATASETS
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=None,
+        help="tests/test_fuzz.py: run N random examples (default: a short fixed set); "
+        "the CARCLI_FUZZ_EXAMPLES variable does the same",
+    )

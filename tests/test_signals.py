@@ -1,0 +1,83 @@
+"""SIGTERM and SIGHUP in the middle of a batch end it like Ctrl-C (issue 37, F10).
+
+A real process is started and signalled once its first output exists: it must
+say how to resume, exit 128 + N, leave no temp file, and the same command run
+again must finish the batch, skipping what was done.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from carcli.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+COUNT = 40  # enough images that the batch is still running when the signal arrives
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("signals") / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(10)
+    for i in range(COUNT):
+        pixels = rng.integers(0, 256, (96, 112, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png", compress_level=0)
+    return folder
+
+
+def pngs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.png")) if folder.is_dir() else []
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".carcli-tmp-" in p.name] if root.exists() else []
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_signal_mid_batch_stops_cleanly_and_resumes(
+    batch: Path, tmp_path: Path, tiny_weights, sig: str
+) -> None:
+    signum = getattr(signal, sig)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), CARCLI_WEIGHTS=str(tiny_weights))
+    env.pop("CARCLI_DEBUG", None)
+    args = [sys.executable, "-m", "carcli", "downscale", str(batch), str(out), "--threads", "1"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 180
+        while not pngs(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"finished before the signal: {proc.stderr.read()}"
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    assert f"interrupted by {sig}: finished outputs are complete; run the same command " in stderr
+    done = pngs(out)
+    assert 1 <= len(done) < COUNT, f"{len(done)} of {COUNT} written before {sig}"
+    assert temp_files(out) == []
+    for name in done:  # every output that exists is complete
+        with Image.open(out / name) as im:
+            im.load()
+            assert im.size == (28, 24)
+
+    result = CliRunner().invoke(app, ["downscale", str(batch), str(out), "-w", str(tiny_weights)])
+    assert result.exit_code == 0, result.output
+    assert f"{len(done)} skipped" in result.stderr
+    assert pngs(out) == pngs(batch) and temp_files(out) == []
