@@ -97,3 +97,7 @@ class ImageReadError(CarError):
 
 class ImageWriteError(CarError):
     """An image that cannot be encoded or written (the batch reports it and carries on)."""
+
+
+class ProcessingError(CarError, RuntimeError):
+    """One image cannot be processed, e.g. the network produced NaN (the batch carries on)."""
