@@ -17,6 +17,7 @@ Module map (one job each; docs/architecture.md says more)::
       `paths`                 INPUT files, and OUTPUT checked against INPUT
       `report`                the `--json` report schema of downscale, upscale and roundtrip
       `errors`                every error a user can cause and its exit code
+      `interrupts`            SIGTERM/SIGHUP end a run as Ctrl-C does (exit 128 + N)
       `info`                  what `car info` reports: versions, devices, backends, weights
 
     Library: running the networks

@@ -24,7 +24,10 @@ from carcli.cli import app
 REPO = Path(__file__).resolve().parents[1]
 COUNT = 40  # enough images that the batch is still running when the signal arrives
 
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+pytestmark = [
+    pytest.mark.skipif(os.name != "posix", reason="POSIX signals"),
+    pytest.mark.slow,  # a real process per signal (torch import)
+]
 
 
 @pytest.fixture(scope="module")

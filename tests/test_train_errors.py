@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from carcli.cli import app
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow  # short training runs
 
 
 def car(*args: str | Path):
