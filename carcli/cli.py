@@ -375,6 +375,18 @@ def _check_json(json_file: Path | None, output: Path | None) -> None:
 
     if is_stdio(json_file) and is_stdio(output):
         raise UsageError("--json - and OUTPUT - would both write to standard output; pick one")
+    if is_stdio(output) and _stdout_is_terminal():
+        raise UsageError(
+            "refusing to write image data to a terminal: redirect standard output "
+            "(car ... - > out.png) or give an OUTPUT file"
+        )
+
+
+def _stdout_is_terminal() -> bool:
+    import sys
+
+    stream = getattr(sys.stdout, "buffer", sys.stdout)
+    return bool(stream is not None and stream.isatty())
 
 
 def _report(

@@ -90,6 +90,18 @@ def test_usage_errors_answer_without_importing_torch(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_image_data_is_not_written_to_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from carcli import cli
+
+    src = folder(tmp_path / "src", {"x.png": (12, 12)})
+    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: True)
+    result = car("downscale", src / "x.png", "-")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: refusing to write image data to a terminal")
+
+
 def test_shell_completion_is_offered() -> None:
     result = car("--help")
     assert result.exit_code == 0
