@@ -200,6 +200,13 @@ def test_cuda_matches_cpu() -> None:
     x = _rand(2, 3, 45, 37, seed=23)
     for f in (lambda t: bicubic_downscale(t, 4), lambda t: bicubic_upscale(t, 2)):
         torch.testing.assert_close(f(x.float().cuda()).cpu(), f(x).float(), atol=1e-5, rtol=0)
+    # The 8-bit path sums in float64 on every device: equal, not just close.
+    x8 = torch.round(x.float() * 255) / 255
+    for f in (
+        lambda t: bicubic_downscale(t, 4, uint8=True),
+        lambda t: bicubic_upscale(t, 2, uint8=True),
+    ):
+        assert torch.equal(f(x8.cuda()).cpu(), f(x8))
 
 
 # --- the published bicubic baselines ---------------------------------------------
