@@ -191,7 +191,7 @@ PrecisionOpt = Annotated[
         help=(
             "Network arithmetic: fp32, bf16, or fp16 (CUDA only); auto: fp16 on CUDA, bf16 on "
             "CPUs with native bfloat16 (AVX512-BF16/AMX), else fp32. The resampling op and "
-            "the last conv always run in float32 (see README, Performance)."
+            "the last conv always run in float32 (see docs/performance.md)."
         ),
     ),
 ]
@@ -216,7 +216,7 @@ RefineOpt = Annotated[
             "Tune each downscaled image for N more steps against the upscaler (gradient "
             "descent through the 8-bit rounding): much better reconstructions (Set5 at 4x: "
             "32.59 -> 34.14 dB with 20 steps) at a large cost (each step is a forward and "
-            "backward pass of the upscaler; see README, Refinement). 0: off."
+            "backward pass of the upscaler; see docs/results.md, Refinement). 0: off."
         ),
     ),
 ]

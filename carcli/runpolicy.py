@@ -97,7 +97,7 @@ def cpu_has_bf16() -> bool:
 
 
 def default_precision(device: torch.device) -> str:
-    """fp16 on CUDA, bf16 on CPUs with native bfloat16, else fp32 (see README, Performance)."""
+    """fp16 on CUDA, bf16 on CPUs with native bfloat16, else fp32 (docs/performance.md)."""
     if device.type == "cuda":
         return "fp16"
     if device.type == "cpu" and cpu_has_bf16():

@@ -595,7 +595,7 @@ def test_bf16_training_uses_the_float32_islands_of_inference(
     """Kernels normalised in float32, EDSR's first and last convs in float32, as in inference.
 
     Without them bf16 fine-tunes validated 0.03-0.05 dB below fp32 ones from the same start
-    (README, "Training your own models").
+    (docs/training.md).
     """
     from carcli.train import trainer as trainer_module
 

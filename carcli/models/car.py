@@ -94,7 +94,7 @@ class CARModel(nn.Module):
         """Learned weights per network, frozen (EMA) copies included.
 
         The mean-shift layers are constants stored as 1x1 convs (as in the authors'
-        files), so they are not counted: the figures match what the README quotes.
+        files), so they are not counted: the figures match the quoted ones (docs/results.md).
         """
         return {name: _learned_parameters(getattr(self, name)) for name in ("resampler", "sr")}
 
