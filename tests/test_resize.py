@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -232,9 +233,12 @@ def _bicubic_scores(folder: Path, scale: int, with_ssim: bool) -> tuple[float, f
     return float(np.mean(psnrs)), float(np.mean(ssims))
 
 
-needs_datasets = pytest.mark.skipif(
-    not (DATASETS / "val").is_dir(), reason=f"benchmark data sets not found at {DATASETS}"
-)
+def needs_datasets(test: Callable) -> Callable:
+    """Marked ``datasets``, and skipped with the reason when ../shared/datasets is absent."""
+    skip = pytest.mark.skipif(
+        not (DATASETS / "val").is_dir(), reason=f"benchmark data sets not found at {DATASETS}"
+    )
+    return pytest.mark.datasets(skip(test))
 
 
 @needs_datasets
