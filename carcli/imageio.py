@@ -200,12 +200,14 @@ def decode_image(data: bytes) -> Picture:
             order = [2, 1, 0, 3] if array.shape[2] == 4 else [2, 1, 0]
             array = array[..., order]
         grey = array.ndim == 2
-        notes = _profile_notes_16bit(im)
+        notes = []
     else:
         im, notes = to_srgb(im)
         array, grey = _pil_to_array(im)
     array = apply_orientation(array, orientation)
     picture = picture_from_array(array)
+    if picture.bits == 16 and not grey:
+        notes = _to_srgb_16bit(picture, im.info.get("icc_profile"))
     picture.grey = grey
     picture.text = text
     picture.notes = notes
@@ -314,9 +316,15 @@ def _with_alpha(rgb: Image.Image, alpha: Image.Image) -> Image.Image:
     return out
 
 
-def _profile_notes_16bit(im: Image.Image) -> list[str]:
-    """16-bit images keep their values (littleCMS via Pillow is 8-bit only): say so."""
-    icc = im.info.get("icc_profile")
+def _to_srgb_16bit(picture: Picture, icc: bytes | None) -> list[str]:
+    """Convert a 16-bit picture's colours to sRGB in place, at full precision.
+
+    Pillow's littleCMS binding is 8-bit only, so matrix/TRC profiles (Display
+    P3, Adobe RGB, ProPhoto: what cameras and editors embed) are applied here in
+    float: tone curves, the profile's D50 colorant matrix, sRGB's inverse
+    matrix and curve, clipped to sRGB's gamut (as relative colorimetric).
+    Other profiles (lookup tables) leave the values as they are, with a note.
+    """
     if not icc:
         return []
     try:
@@ -325,10 +333,102 @@ def _profile_notes_16bit(im: Image.Image) -> list[str]:
         return []
     if found is None:
         return []
-    return [
-        f"16-bit image with the colour profile '{found[1]}': its values are used as sRGB "
-        "(not converted), so colours may shift"
-    ]
+    name = found[1]
+    source, target = _matrix_trc(bytes(icc)), _matrix_trc(_srgb_icc())
+    if source is None or target is None:
+        return [
+            f"16-bit image with the colour profile '{name}' (not a matrix/TRC profile): its "
+            "values are used as sRGB (not converted), so colours may shift"
+        ]
+    matrix = torch.linalg.inv(target[0]) @ source[0]
+    rgb = picture.rgb
+    for top in range(0, rgb.shape[1], 256):  # bands: bounded memory for large photos
+        band = rgb[:, top : top + 256]
+        linear = torch.stack([curve(band[c]) for c, curve in enumerate(source[1])])
+        mixed = torch.einsum("ij,jhw->ihw", matrix, linear.double()).float()
+        band.copy_(_srgb_encode(mixed.clamp_(0.0, 1.0)))
+    return [f"converted from the embedded colour profile '{name}' to sRGB (outputs are sRGB)"]
+
+
+@functools.lru_cache(maxsize=1)
+def _srgb_icc() -> bytes:
+    return _srgb_profile().tobytes()
+
+
+def _srgb_encode(linear: torch.Tensor) -> torch.Tensor:
+    curved = 1.055 * linear.clamp(min=0.0031308) ** (1 / 2.4) - 0.055
+    return torch.where(linear <= 0.0031308, linear * 12.92, curved)
+
+
+Curve = Any  # torch.Tensor -> torch.Tensor
+
+
+@functools.lru_cache(maxsize=16)
+def _matrix_trc(icc: bytes) -> tuple[torch.Tensor, tuple[Curve, Curve, Curve]] | None:
+    """(D50 colorant matrix, three tone curves) of an RGB matrix/TRC ICC profile, else None."""
+    if len(icc) < 132 or icc[16:20] != b"RGB " or icc[20:24] != b"XYZ ":
+        return None
+    tags: dict[bytes, bytes] = {}
+    (count,) = struct.unpack(">I", icc[128:132])
+    for i in range(min(count, 100)):
+        sig, offset, size = struct.unpack(">4sII", icc[132 + 12 * i : 144 + 12 * i])
+        tags[sig] = icc[offset : offset + size]
+    try:
+        columns = [_xyz_tag(tags[k]) for k in (b"rXYZ", b"gXYZ", b"bXYZ")]
+        curves = tuple(_curve_tag(tags[k]) for k in (b"rTRC", b"gTRC", b"bTRC"))
+    except (KeyError, ValueError, struct.error):
+        return None
+    if any(c is None for c in curves):
+        return None
+    return torch.tensor(columns, dtype=torch.float64).T, curves  # type: ignore[return-value]
+
+
+def _s15(data: bytes) -> list[float]:
+    return [v / 65536.0 for v in struct.unpack(f">{len(data) // 4}i", data)]
+
+
+def _xyz_tag(data: bytes) -> list[float]:
+    if data[:4] != b"XYZ ":
+        raise ValueError("not an XYZ tag")
+    return _s15(data[8:20])
+
+
+def _curve_tag(data: bytes) -> Curve | None:
+    """A tone curve (curv: identity, gamma or table; para: ICC function types 0-4)."""
+    if data[:4] == b"curv":
+        (n,) = struct.unpack(">I", data[8:12])
+        if n == 0:
+            return lambda x: x
+        if n == 1:
+            gamma = struct.unpack(">H", data[12:14])[0] / 256.0
+            return lambda x: x.clamp(0.0, 1.0) ** gamma
+        table = torch.tensor(struct.unpack(f">{n}H", data[12 : 12 + 2 * n]), dtype=torch.float32)
+        table = table / 65535.0
+
+        def lookup(x: torch.Tensor) -> torch.Tensor:
+            pos = x.clamp(0.0, 1.0) * (n - 1)
+            low = pos.floor().long().clamp(max=n - 2)
+            frac = pos - low
+            return table[low] * (1 - frac) + table[low + 1] * frac
+
+        return lookup
+    if data[:4] == b"para":
+        kind = struct.unpack(">H", data[8:10])[0]
+        counts = {0: 1, 1: 3, 2: 4, 3: 5, 4: 7}
+        if kind not in counts:
+            return None
+        p = _s15(data[12 : 12 + 4 * counts[kind]]) + [0.0] * 7
+        g, a, b, c, d, e, f = p[:7]
+        if kind == 0:
+            return lambda x: x.clamp(0.0, 1.0) ** g
+        if kind == 1:  # (ax + b)^g for x >= -b/a, else 0
+            return lambda x: (a * x + b).clamp(min=0.0) ** g
+        if kind == 2:  # (ax + b)^g + c for x >= -b/a, else c
+            return lambda x: (a * x + b).clamp(min=0.0) ** g + c
+        if kind == 3:  # (ax + b)^g for x >= d, else cx
+            return lambda x: torch.where(x >= d, (a * x + b).clamp(min=0.0) ** g, c * x)
+        return lambda x: torch.where(x >= d, (a * x + b).clamp(min=0.0) ** g + e, c * x + f)
+    return None
 
 
 def _is_16bit_colour(data: bytes, im: Image.Image) -> bool:

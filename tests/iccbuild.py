@@ -97,10 +97,15 @@ def _from_linear(v: np.ndarray) -> np.ndarray:
     return np.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1 / 2.4) - 0.055)
 
 
-def convert_by_hand(rgb8: np.ndarray, source=DISPLAY_P3, target=SRGB) -> np.ndarray:
-    """uint8 colours from one matrix/TRC profile to another: linearise, matrices, encode."""
+def convert_float(rgb: np.ndarray, source=DISPLAY_P3, target=SRGB) -> np.ndarray:
+    """Colours in [0, 1] from one matrix/TRC profile to another: linearise, matrices, encode."""
     to_xyz = np.array(source, dtype=np.float64).T  # columns are the colorants
     from_xyz = np.linalg.inv(np.array(target, dtype=np.float64).T)
-    linear = _to_linear(rgb8.astype(np.float64) / 255.0)
+    linear = _to_linear(rgb.astype(np.float64))
     out = linear.reshape(-1, 3) @ (from_xyz @ to_xyz).T
-    return np.round(_from_linear(out).reshape(rgb8.shape) * 255).astype(np.uint8)
+    return _from_linear(out).reshape(rgb.shape)
+
+
+def convert_by_hand(rgb8: np.ndarray, source=DISPLAY_P3, target=SRGB) -> np.ndarray:
+    """uint8 colours from one matrix/TRC profile to another (see :func:`convert_float`)."""
+    return np.round(convert_float(rgb8 / 255.0, source, target) * 255).astype(np.uint8)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import photo
-from iccbuild import DISPLAY_P3, convert_by_hand, rgb_profile
+from iccbuild import DISPLAY_P3, convert_by_hand, convert_float, rgb_profile
 from PIL import Image, ImageCms
 
 from carcli import imageio
@@ -97,15 +97,37 @@ def test_unusable_profile_is_ignored_with_a_note(tmp_path: Path) -> None:
     assert len(picture.notes) == 1 and picture.notes[0].startswith("ignored an embedded colour")
 
 
-def test_16bit_image_with_profile_is_read_unchanged_and_says_so() -> None:
-    array = (photo(5, 7).astype(np.uint16) * 257) + 3
-    data = encode_png(array)
-    iccp = imageio._png_chunk(b"iCCP", b"p3\0\0" + zlib.compress(P3))
-    data = data[:33] + iccp + data[33:]
-    picture = decode_image(data)
+def _with_iccp(png: bytes, icc: bytes) -> bytes:
+    return png[:33] + imageio._png_chunk(b"iCCP", b"p3\0\0" + zlib.compress(icc)) + png[33:]
+
+
+def test_16bit_image_is_converted_at_full_precision() -> None:
+    """littleCMS in Pillow is 8-bit only; 16-bit matrix/TRC profiles are applied in float."""
+    array = (photo(9, 7).astype(np.uint16) * 257) + 3
+    array[0, :6] = (np.repeat(COLOURS[0], 1, axis=0).astype(np.uint16) * 257)[:6]
+    picture = decode_image(_with_iccp(encode_png(array), P3))
     assert picture.bits == 16
-    np.testing.assert_array_equal(to_array(picture.rgb, bits=16), array)
-    assert "16-bit" in picture.notes[0] and "Display P3 (test)" in picture.notes[0]
+    assert picture.notes == [
+        "converted from the embedded colour profile 'Display P3 (test)' to sRGB (outputs are sRGB)"
+    ]
+    got = picture.rgb.permute(1, 2, 0).numpy()
+    expected = convert_float(array / 65535.0)  # the maths by hand, in float
+    assert np.abs(got - expected).max() < 1e-3  # (colorants differ in the 4th decimal)
+    assert np.abs(got - expected).mean() < 2e-4
+    # And littleCMS on the 8-bit version of the same image agrees within one level.
+    im8 = Image.fromarray((array // 257).astype(np.uint8))
+    im8.info["icc_profile"] = P3
+    via_lcms = np.asarray(imageio.to_srgb(im8)[0], dtype=int)
+    assert np.abs(np.round(got * 255).astype(int) - via_lcms).max() <= 1
+    assert (np.round(got[0, 0] * 255)).tolist() == [215, 93, 31]
+
+
+def test_only_matrix_trc_profiles_are_applied_in_float() -> None:
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    assert imageio._matrix_trc(P3) is not None
+    assert imageio._matrix_trc(lab) is None  # not RGB
+    assert imageio._matrix_trc(P3.replace(b"rTRC", b"xTRC")) is None  # a curve missing
+    assert imageio._matrix_trc(P3[:120]) is None  # truncated
 
 
 def test_pil_images_from_the_api_are_converted_too() -> None:
