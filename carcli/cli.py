@@ -23,7 +23,7 @@ import typer.main
 
 from carcli import __version__
 from carcli.bundled import samples_path
-from carcli.console import stderr_console, user_errors
+from carcli.console import printable, stderr_console, user_errors
 from carcli.defaults import REFINE_MAX_CHANGE
 from carcli.errors import EXIT_FAILED, EXIT_OK
 from carcli.train import commands as train_commands
@@ -427,7 +427,11 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> bool:
     except (ImageWriteError, OSError) as exc:
         message = str(exc) if isinstance(exc, ImageWriteError) else exc.strerror or str(exc)
         stderr_console().print(
-            f"error: --json: {message}", style="red", markup=False, highlight=False, soft_wrap=True
+            f"error: --json: {printable(message)}",
+            style="red",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
         return False
     return True

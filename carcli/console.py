@@ -42,6 +42,18 @@ def stdout_console() -> Console:
     return Console(highlight=False)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\n``, ``\\x1b``).
+
+    Messages name files, and a file name may hold a newline or a terminal escape
+    sequence: printed raw, one error would read as two lines, or recolour (or
+    retitle) the user's terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 @contextlib.contextmanager
 def user_errors(interrupted: str | None = None) -> Iterator[None]:
     """Errors a user can cause: one line on stderr and their exit code, never a traceback.
@@ -60,7 +72,9 @@ def user_errors(interrupted: str | None = None) -> Iterator[None]:
         with like_ctrl_c() if interrupted is not None else contextlib.nullcontext():
             yield
     except CarError as exc:
-        err.print(f"error: {exc.cli_message()}", style="red", markup=False, highlight=False)
+        err.print(
+            f"error: {printable(exc.cli_message())}", style="red", markup=False, highlight=False
+        )
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
         if interrupted is None:
@@ -102,7 +116,7 @@ class ConsoleReporter:
         self._mp = 0.0
 
     def _line(self, text: str, style: str | None = None) -> None:
-        self.console.print(Text(text, style=style or ""), soft_wrap=True)
+        self.console.print(Text(printable(text), style=style or ""), soft_wrap=True)
 
     def start(self, total: int, label: str) -> None:
         if not self.show_progress or total < 2:
@@ -199,7 +213,7 @@ def roundtrip_table(
         table.add_column("bicubic SSIM", justify="right")
         table.add_column("gain", justify="right")
     for i, r in enumerate(records):
-        row: list[Any] = [r["file"], f"{r['width']}x{r['height']}"]
+        row: list[Any] = [printable(r["file"]), f"{r['width']}x{r['height']}"]
         row += [_num(r["psnr"], 2), _num(r["ssim"], 4)]
         if compare_bicubic:
             row += [_num(r["bicubic_psnr"], 2), _num(r["bicubic_ssim"], 4)]

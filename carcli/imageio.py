@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import os
 import secrets
@@ -691,7 +692,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ImageWriteError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
-    temp = path.with_name(f".{path.name}{_TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    temp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with open(temp, "xb") as handle:
             handle.write(data)
@@ -708,6 +709,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _temp_prefix(path: Path) -> str:
+    """The start of ``path``'s temp file names: ``.NAME.carcli-tmp-`` (then pid and a tag).
+
+    A name near the file system's 255-byte limit has no room for the additions,
+    so its temp files are named by a digest of it instead: the output itself
+    would fit, and must not fail only because its temp file does not.
+    """
+    prefix = f".{path.name}{_TEMP_MARKER}"
+    if len(os.fsencode(prefix)) > 200:
+        prefix = f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{_TEMP_MARKER}"
+    return prefix
+
+
 def remove_stale_temps(path: Path) -> int:
     """Delete temp files of ``path`` that interrupted runs left; how many were removed.
 
@@ -716,7 +730,7 @@ def remove_stale_temps(path: Path) -> int:
     processes, another run writing the same output, are left alone.
     """
     path = Path(path)
-    prefix = f".{path.name}{_TEMP_MARKER}"
+    prefix = _temp_prefix(path)
     try:
         names = [n for n in os.listdir(path.parent) if n.startswith(prefix)]
     except OSError:

@@ -60,6 +60,12 @@ def check_report_target(
     if report.is_dir():
         raise UsageError(f"--json {report} is a folder; give a file name for the report")
     real = os.path.realpath(report)
+    outputs = [out for out in outputs if not is_stdio(out)]
+    folders = {str(p) for out in outputs for p in Path(os.path.realpath(out)).parents}
+    if real in folders:
+        raise UsageError(
+            f"--json {report} is a folder this run writes into; give a file name for the report"
+        )
     for src in inputs:
         if not is_stdio(src) and os.path.realpath(src) == real:
             raise UsageError(

@@ -10,6 +10,7 @@ import torch
 
 from carcli.batch import Item, Result, Task
 from carcli.engine import Processor
+from carcli.errors import ProcessingError
 from carcli.formats import STDIO, is_stdio, output_name
 from carcli.imageio import (
     FORMATS,
@@ -26,6 +27,7 @@ from carcli.pictures import (
     upscale_picture,
 )
 from carcli.resize import bicubic_roundtrip
+from carcli.runpolicy import available_memory
 
 NOTE_16BIT = (
     "16-bit input is processed in float, but the downscaled image is 8-bit by design: "
@@ -89,8 +91,36 @@ class DownscaleTask(_WritingTask):
         return [self.compute(i, p, lr) for i, p, lr in zip(items, pictures, lrs, strict=True)]
 
 
+# Bytes an upscale holds per output pixel at its peak: the float32 RGB result, the
+# copy rounded for the file and the encoder's array (alpha adds a little more).
+RESULT_BYTES_PER_PIXEL = 32
+
+
+def _bytes(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
 class UpscaleTask(_WritingTask):
     action, label = "upscaled", "upscaling"
+
+    def load(self, item: Item) -> Picture:
+        """The LR picture, or a one-line failure when its result cannot fit in memory.
+
+        Tiles bound the networks' memory, but the result is one image: an 8000 x
+        8000 LR upscaled 4x is 1 gigapixel, about 30 GB at the peak, and the
+        system would kill the whole run without a word.
+        """
+        picture = super().load(item)
+        s = self.processor.scale
+        height, width = restored_size(picture, s)[0] or (picture.height * s, picture.width * s)
+        need = height * width * RESULT_BYTES_PER_PIXEL
+        free = available_memory(torch.device("cpu"))
+        if need > free:
+            raise ProcessingError(
+                f"the result would be {width}x{height} ({height * width / 1e6:.1f} MP, about "
+                f"{_bytes(need)} in memory), but only {_bytes(free)} is free"
+            )
+        return picture
 
     def compute(self, item: Item, picture: Picture, hr: torch.Tensor | None = None) -> Result:
         size, warning = restored_size(picture, self.processor.scale)

@@ -280,3 +280,16 @@ def test_weights_env_naming_a_file_is_called_out(tmp_path: Path, tiny_ckpt, imag
     env = {"CARCLI_WEIGHTS": str(tiny_ckpt(4))}
     result = car("downscale", images, tmp_path / "out", env=env)
     assert_one_error(result, 2, "CARCLI_WEIGHTS", "is a file", "--weights")
+
+
+def test_export_never_replaces_the_runs_own_files(tmp_path: Path, tiny_ckpt) -> None:
+    """Found while fixing F7: `car export RUN RUN/state.pt --which last --overwrite`
+    replaced the run's resumable state with an inference checkpoint."""
+    run = _run_folder(tmp_path)
+    (run / "state.pt").write_bytes(b"the run's state")
+    (run / "best.safetensors").write_bytes(tiny_ckpt(2).read_bytes())
+    for name, which in (("state.pt", "last"), ("best.safetensors", "best")):
+        before = (run / name).read_bytes()
+        result = car("export", run, run / name, "--which", which, "--overwrite", "--no-timing")
+        assert_one_error(result, 2, f"the run's own {name}")
+        assert (run / name).read_bytes() == before

@@ -399,3 +399,57 @@ def test_a_run_removes_temp_files_left_by_a_killed_run(
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "a.png", "b.png", "c.png",
     ]  # fmt: skip
+
+
+def test_an_upscale_too_large_for_memory_fails_that_file(
+    tmp_path: Path, images: Path, tiny_weights, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found while looking for more: tiles bound the networks' memory, not the result's;
+    an LR whose 4x result cannot fit in RAM got the run killed without a word."""
+    from carcli import tasks
+
+    Image.new("RGB", (60, 50), "gray").save(images / "big.png")
+    need_small = 28 * 4 * 20 * 4 * tasks.RESULT_BYTES_PER_PIXEL  # a.png .. c.png fit
+    monkeypatch.setattr(tasks, "available_memory", lambda device: need_small)
+    out = tmp_path / "up"
+    result = car("upscale", images, out, "-w", tiny_weights, "-s", "4", "-q")
+    no_traceback(result)
+    assert result.exit_code == 1, result.output
+    assert errors(result) == [
+        "error: big.png: the result would be 240x200 (0.0 MP, about 1.5 MiB in memory), "
+        "but only 0.3 MiB is free"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]
+
+
+def test_control_characters_in_file_names_are_escaped(tmp_path: Path, tiny_weights) -> None:
+    """Found while looking for more: a file name holding a newline or a terminal escape
+    was printed raw, so one error read as two lines or recoloured the terminal."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a\nb.png").write_text("junk")
+    (src / "\x1b[31mred.png").write_text("junk")
+    result = car("downscale", src, tmp_path / "out", "-w", tiny_weights, "-q")
+    assert result.exit_code == 1
+    assert "\x1b" not in result.stderr
+    assert errors(result) == [
+        "error: \\x1b[31mred.png: not an image, or not a supported format",
+        "error: a\\nb.png: not an image, or not a supported format",
+    ]
+
+
+def test_report_naming_the_output_folder_and_long_output_names(
+    tmp_path: Path, images: Path, tiny_weights
+) -> None:
+    """Found while looking for more: --json naming the (not yet created) output folder
+    became a file, so every image then failed; and an output name near the 255-byte
+    limit failed only because its temp file name did not fit."""
+    out = tmp_path / "out"
+    result = car("downscale", images, out, "-w", tiny_weights, "--json", out, "-q")
+    assert result.exit_code == 2 and "a folder this run writes into" in errors(result)[0]
+    assert not out.exists()
+    long_name = "x" * 240 + ".png"
+    (images / long_name).write_bytes((images / "a.png").read_bytes())
+    result = car("downscale", images, out, "-w", tiny_weights, "-q")
+    assert result.exit_code == 0, result.output
+    assert (out / long_name).is_file() and temp_files(out) == []

@@ -348,7 +348,7 @@ def export(
 
     from carcli.errors import UsageError
     from carcli.train.export import export_run
-    from carcli.train.trainer import BEST_NAME, STATE_NAME, read_state
+    from carcli.train.trainer import BEST_NAME, LOG_NAME, STATE_NAME, read_state
 
     if which not in ("best", "last"):
         raise typer.BadParameter("--which must be best or last")
@@ -356,6 +356,13 @@ def export(
         _keep_existing_unless(overwrite, output)
         if not run.is_dir():
             raise UsageError(f"{run}: not a run folder (no such folder)")
+        # The run's own files are inputs: replacing state.pt would end the run's resumability.
+        for name in (STATE_NAME, BEST_NAME, LOG_NAME):
+            if os.path.realpath(output) == os.path.realpath(run / name):
+                raise UsageError(
+                    f"OUTPUT {output} is the run's own {name}; choose another OUTPUT "
+                    "(a run's files are never overwritten)"
+                )
         source = run / (BEST_NAME if which == "best" else STATE_NAME)
         if not source.exists():
             hint = " (no validation has run yet: try --which last)" if which == "best" else ""
