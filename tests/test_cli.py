@@ -39,7 +39,7 @@ def temp_files(root: Path) -> list[Path]:
 
 @pytest.fixture
 def mixed(tmp_path: Path) -> Path:
-    """The issue's mixed folder: good, truncated, text-as-JPEG, RGBA, 16-bit grey, 1x1."""
+    """A mixed folder: good, truncated, text-as-JPEG, RGBA, 16-bit grey, 1x1."""
     src = tmp_path / "mixed"
     src.mkdir()
     Image.fromarray(photo(23, 31, seed=1)).save(src / "good.png")

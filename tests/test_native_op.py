@@ -420,11 +420,9 @@ def test_cuda_64bit_indexing(cuda_build):
 @needs_cuda
 @pytest.mark.parametrize("scale", [2, 4])
 def test_cuda_roundtrip_psnr_matches_cpu(cuda_build, scale):
-    try:
-        from carcli.metrics import psnr_y
-        from carcli.models import CARModel, preset
-    except ImportError as exc:  # pragma: no cover - depends on a colleague's module
-        pytest.skip(f"model or metrics unavailable: {exc}")
+    from carcli.metrics import psnr_y
+    from carcli.models import CARModel, preset
+
     torch.manual_seed(scale)
     model = CARModel(preset("tiny", scale)).eval()
     gen = torch.Generator().manual_seed(0)

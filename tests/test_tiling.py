@@ -1,7 +1,7 @@
 """Tiled inference: margins cover the receptive field, tiles stitch to the untiled result.
 
 "Untiled" is the model's own forward pass (``CARModel.downscale`` / ``upscale``)
-on the whole image. The tolerance is the issue's: after 8-bit quantisation at
+on the whole image. The tolerance: after 8-bit quantisation at
 least 99.9 % of values equal and none more than one level apart.
 """
 

@@ -18,6 +18,7 @@ from carcli.errors import EXIT_FAILED, EXIT_INTERRUPTED, ValidationError
 from carcli.train.config import TrainConfig
 
 SCALE = 4  # the scale a new run trains for unless told
+_D = TrainConfig  # the one set of training defaults (its fields' defaults)
 
 # torch and the trainer are imported in the command bodies, so that `car --help`
 # answers without them (see carcli.defaults).
@@ -93,13 +94,14 @@ def _keep_existing_unless(overwrite: bool, output: Path) -> None:
         raise UsageError(f"{output}: is a folder; name the output .safetensors file")
 
 
-def _default(name: str) -> str:
-    """A TrainConfig default as ``--help`` shows it (the options default to "not given")."""
-    value = TrainConfig.__dataclass_fields__[name].default
-    return str(value).lower() if isinstance(value, bool) else str(value)
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given (command line or environment), not defaulted."""
+    source = ctx.get_parameter_source(name)  # click's ParameterSource, or typer's copy of it
+    return source is not None and source.name != "DEFAULT"
 
 
 def train(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Option("--run", help="Run folder: state, log, best checkpoint.")],
     data: Annotated[
         list[Path] | None,
@@ -109,17 +111,14 @@ def train(
         list[Path] | None,
         typer.Option("--val", help="Validation folder (repeatable; needed for a new run)."),
     ] = None,
-    scale: Annotated[
-        int | None, typer.Option("--scale", "-s", help="2 or 4.", show_default=str(SCALE))
-    ] = None,
+    scale: Annotated[int, typer.Option("--scale", "-s", help="2 or 4.")] = SCALE,
     config: Annotated[
-        str | None,
+        str,
         typer.Option(
             help="Network preset: compact, compact-deep (EDSR 24 blocks), paper, tiny. With "
             "--init, a preset that only adds EDSR blocks grows the checkpoint's pair to it.",
-            show_default=_default("config"),
         ),
-    ] = None,
+    ] = _D.config,
     steps: Annotated[int | None, typer.Option(help="Total steps (cosine schedule length).")] = None,
     time_budget: Annotated[
         str | None, typer.Option("--time-budget", help="Total training time, e.g. 2h30m.")
@@ -134,95 +133,82 @@ def train(
     init: Annotated[
         Path | None, typer.Option(help="Start from an inference checkpoint (.safetensors).")
     ] = None,
-    batch: Annotated[
-        int | None, typer.Option(help="Patches per step.", show_default=_default("batch"))
-    ] = None,
+    batch: Annotated[int, typer.Option(help="Patches per step.")] = _D.batch,
     patch: Annotated[
-        int | None,
-        typer.Option(help="HR patch side (multiple of 8).", show_default=_default("patch")),
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate (Adam).", show_default=_default("lr"))
-    ] = None,
+        int,
+        typer.Option(help="HR patch side (multiple of 8)."),
+    ] = _D.patch,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (Adam).")] = _D.lr,
     min_lr: Annotated[
-        float | None,
-        typer.Option(help="Final learning rate of the cosine.", show_default=_default("min_lr")),
-    ] = None,
-    warmup: Annotated[
-        int | None, typer.Option(help="Linear warm-up steps.", show_default=_default("warmup"))
-    ] = None,
+        float,
+        typer.Option(help="Final learning rate of the cosine."),
+    ] = _D.min_lr,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = _D.warmup,
     offset_weight: Annotated[
-        float | None,
-        typer.Option(help="Offset regulariser weight.", show_default=_default("offset_weight")),
-    ] = None,
+        float,
+        typer.Option(help="Offset regulariser weight."),
+    ] = _D.offset_weight,
     tv_weight: Annotated[
-        float | None,
-        typer.Option(help="TV regulariser weight.", show_default=_default("tv_weight")),
-    ] = None,
+        float,
+        typer.Option(help="TV regulariser weight."),
+    ] = _D.tv_weight,
     loss: Annotated[
-        str | None,
+        str,
         typer.Option(
             help="Reconstruction loss: l1 (the paper's), or mse, which is what PSNR measures "
             "(for a final fine-tune).",
-            show_default=_default("loss"),
         ),
-    ] = None,
+    ] = _D.loss,
     luma_weight: Annotated[
-        float | None,
+        float,
         typer.Option(
             help="Add this weight times the same loss on BT.601 luma (Y, what PSNR_Y and SSIM_Y "
             "read) to the RGB loss; 0: RGB only, as in the paper.",
-            show_default=_default("luma_weight"),
         ),
-    ] = None,
+    ] = _D.luma_weight,
     quant_grad: Annotated[
-        str | None,
+        str,
         typer.Option(
             help=f"Gradient of the 8-bit rounding: {' or '.join(QUANT_GRADIENTS)} "
             "(straight-through or soft-round).",
-            show_default=_default("quant_grad"),
         ),
-    ] = None,
+    ] = _D.quant_grad,
     soft_alpha: Annotated[
-        float | None,
-        typer.Option(help="Soft-round alpha (with soft).", show_default=_default("soft_alpha")),
-    ] = None,
+        float,
+        typer.Option(help="Soft-round alpha (with soft)."),
+    ] = _D.soft_alpha,
     ema: Annotated[
-        float | None,
-        typer.Option(help="EMA decay of the weights (0: off).", show_default=_default("ema")),
-    ] = None,
+        float,
+        typer.Option(help="EMA decay of the weights (0: off)."),
+    ] = _D.ema,
     bicubic_init: Annotated[
-        bool | None,
+        bool,
         typer.Option(
             "--bicubic-init/--no-bicubic-init",
             help="Start the resampler as bicubic.",
-            show_default=_default("bicubic_init"),
         ),
-    ] = None,
+    ] = _D.bicubic_init,
     sr_pretrain: Annotated[
-        int | None,
+        int,
         typer.Option(
             help="First N steps train only EDSR, on the initial resampler's output.",
-            show_default=_default("sr_pretrain"),
         ),
-    ] = None,
+    ] = _D.sr_pretrain,
     reset_heads: Annotated[
-        bool | None,
+        bool,
         typer.Option(
             "--reset-heads/--no-reset-heads",
             help="With --init: fresh kernel/offset heads (bicubic start), rest kept.",
-            show_default=_default("reset_heads"),
         ),
-    ] = None,
+    ] = _D.reset_heads,
     precision: Annotated[
-        str | None,
+        str,
         typer.Option(
             help="auto: bf16 autocast where the device computes bfloat16 natively (CUDA, "
             "AVX512-BF16/AMX CPUs), else fp32; or bf16, fp32. The kernel normalisation "
             "and EDSR's first and last convs always run in float32, as in inference.",
-            show_default=_default("precision"),
         ),
-    ] = None,
+    ] = _D.precision,
     channels_last: Annotated[
         bool | None,
         typer.Option(
@@ -234,22 +220,18 @@ def train(
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
     val_every: Annotated[
-        int | None,
-        typer.Option(help="Validate every N steps (0: never).", show_default=_default("val_every")),
-    ] = None,
+        int,
+        typer.Option(help="Validate every N steps (0: never)."),
+    ] = _D.val_every,
     log_every: Annotated[
-        int | None,
-        typer.Option(help="Log a JSON line every N steps.", show_default=_default("log_every")),
-    ] = None,
+        int,
+        typer.Option(help="Log a JSON line every N steps."),
+    ] = _D.log_every,
     checkpoint_minutes: Annotated[
-        float | None,
-        typer.Option(
-            help="Save state every N minutes.", show_default=_default("checkpoint_minutes")
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Random seed.", show_default=_default("seed"))
-    ] = None,
+        float,
+        typer.Option(help="Save state every N minutes."),
+    ] = _D.checkpoint_minutes,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = _D.seed,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     quiet: Annotated[
         bool,
@@ -261,7 +243,8 @@ def train(
     """Train a CAR pair (resampler + EDSR) jointly; resumable, validated, exportable.
 
     The settings, their defaults and the resume rules are TrainConfig's
-    (carcli.train.config); this command only collects what was given.
+    (carcli.train.config); this command only collects them, and on --resume
+    only those given again.
     """
     from carcli.checkpoints import file_digest
     from carcli.models import PRESETS
@@ -270,10 +253,10 @@ def train(
     from carcli.train.progress import make_display
     from carcli.train.trainer import Trainer, config_for_run
 
-    if config is not None and config not in PRESETS:
+    if config not in PRESETS:
         raise typer.BadParameter(f"--config must be one of {', '.join(PRESETS)}")
     given = {
-        "config": config, "steps": steps, "batch": batch, "patch": patch, "lr": lr,
+        "scale": scale, "config": config, "steps": steps, "batch": batch, "patch": patch, "lr": lr,
         "min_lr": min_lr, "warmup": warmup, "offset_weight": offset_weight,
         "tv_weight": tv_weight, "loss": loss, "luma_weight": luma_weight,
         "quant_grad": quant_grad, "soft_alpha": soft_alpha, "ema": ema,
@@ -282,6 +265,8 @@ def train(
         "val_every": val_every, "log_every": log_every,
         "checkpoint_minutes": checkpoint_minutes, "seed": seed,
     }  # fmt: skip
+    if resume:  # only what was given again: TrainConfig.resumed checks it against the run
+        given = {k: v for k, v in given.items() if _given(ctx, k)}
     given = {name: value for name, value in given.items() if value is not None}
     if time_budget is not None:
         given["time_budget"] = parse_duration(time_budget)
@@ -291,12 +276,8 @@ def train(
         given["val"] = [str(v) for v in val]
     if init is not None:
         given["init"] = str(init.resolve())
-    if not resume:
-        given["scale"] = SCALE if scale is None else scale
-        if init is not None and init.is_file():
-            given["init_sha256"] = file_digest(init)
-    elif scale is not None:
-        given["scale"] = scale
+    if not resume and init is not None and init.is_file():
+        given["init_sha256"] = file_digest(init)
     with user_errors():
         # Under torchrun: join the ranks (one GPU each); rank 0 alone talks, validates, saves.
         ranks, dev = ddp.setup(resolve_device(device))

@@ -27,7 +27,7 @@ from carcli.train.trainer import (
 
 Evaluate = Callable[[CARModel], dict]  # model -> {set name: {"psnr", "ssim"}}
 
-# A 2-megapixel photo (4:3), the size the speed targets are stated for.
+# A 2-megapixel photo (4:3), the size carcli's speeds are quoted for.
 TIMING_SIZE = (1224, 1632)
 
 
