@@ -814,7 +814,7 @@ def info(json_file: JsonOpt = None) -> None:
     data = gather()
     console = stdout_console()
     for renderable in info_tables(data):
-        console.print(renderable)
+        console.print(renderable, soft_wrap=True)  # digests stay on one line each
     if not _write_json(json_file, data):
         raise typer.Exit(EXIT_FAILED)
 

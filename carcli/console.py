@@ -244,14 +244,13 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
 
     weights = Table(title="installed weights", header_style="bold")
     broken = any(w.get("error") for w in info["weights"])
-    columns = ("scale", "file", "sha256", "config", "parameters", "validation")
+    columns = ("scale", "file", "config", "parameters", "validation")
     for column in columns + ("problem",) * broken:
         weights.add_column(column, overflow="fold")
     for w in info["weights"]:
         row = [
             f"{w['scale']}x" if w.get("scale") else "?",
             Path(w["file"]).name,
-            w.get("sha256") or "-",
             w.get("config") or "-",
             w.get("parameters") or "-",
             w.get("validation") or "-",
@@ -263,4 +262,12 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
             "checkpoint, or the authors' kgn.pth/usn.pth folder), or unset CARCLI_WEIGHTS to "
             "use the weights that ship with carcli"
         )
-    return [env, weights]
+    # Digests in sha256sum's format, one unbroken line each (a table column would fold
+    # them), so `sha256sum -c` in the weights dir can check what is installed.
+    digests = [f"{w['sha256']}  {Path(w['file']).name}" for w in info["weights"] if w.get("sha256")]
+    if not digests:
+        return [env, weights]
+    listing = Text("SHA-256 (sha256sum -c in the weights dir checks them):\n", style="bold")
+    listing.append("\n".join(digests), style="default")
+    listing.no_wrap, listing.overflow = True, "ignore"
+    return [env, weights, listing]
