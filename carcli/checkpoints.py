@@ -203,7 +203,7 @@ def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
             continue
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nested too deep: kept as text
             out[key] = value
     return out
 

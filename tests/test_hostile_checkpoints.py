@@ -293,3 +293,22 @@ def test_export_never_replaces_the_runs_own_files(tmp_path: Path, tiny_ckpt) -> 
         result = car("export", run, run / name, "--which", which, "--overwrite", "--no-timing")
         assert_one_error(result, 2, f"the run's own {name}")
         assert (run / name).read_bytes() == before
+
+
+def test_deeply_nested_metadata_is_no_traceback(tmp_path: Path, tiny_ckpt, images: Path) -> None:
+    """Found while looking for more: a metadata value nested 100,000 deep made the JSON
+    decoder raise RecursionError, a traceback from `car downscale` and `car info`."""
+    deep = "[" * 100_000 + "]" * 100_000
+    state = load_file(tiny_ckpt(4))
+    with safe_open(str(tiny_ckpt(4)), "pt") as handle:
+        meta = dict(handle.metadata())
+    folder = tmp_path / "w"
+    folder.mkdir()
+    save_file(state, str(folder / "car_x4.safetensors"), metadata=meta | {"note": deep})
+    result = car("downscale", images, tmp_path / "out", "-w", folder, "-q")
+    assert result.exit_code == 0, result.output
+    result = car("info", env={"CARCLI_WEIGHTS": str(folder)})
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata=meta | {"config": deep})
+    assert_one_error(car("downscale", images, tmp_path / "o2", "-w", bad), 2, "no readable model")

@@ -84,3 +84,41 @@ def test_signal_mid_batch_stops_cleanly_and_resumes(
     assert result.exit_code == 0, result.output
     assert f"{len(done)} skipped" in result.stderr
     assert pngs(out) == pngs(batch) and temp_files(out) == []
+
+
+def test_a_closed_terminal_stops_training_with_its_state_saved(tmp_path: Path) -> None:
+    """Found while looking for more: `car train` saved its state on SIGINT and SIGTERM,
+    but a SIGHUP (the terminal or SSH session closing) killed it, losing every step
+    since the last periodic save."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(11)
+    for i in range(2):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(data / f"{i}.png")
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "carcli", "train", "--data", str(data), "--val", str(data)]
+    args += ["--run", str(run), "--config", "tiny", "--scale", "2", "--steps", "100000"]
+    args += ["--batch", "2", "--patch", "16", "--precision", "fp32", "--val-every", "0"]
+    args += ["--log-every", "1", "--threads", "1", "-q"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        log = run / "log.jsonl"
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline:
+            if log.exists() and len(log.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGHUP)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGHUP, stderr
+    assert "interrupted by SIGHUP: state saved at step" in stderr
+    import torch
+
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["step"] >= 3

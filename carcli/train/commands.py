@@ -15,6 +15,7 @@ import typer
 from carcli.console import user_errors
 from carcli.defaults import QUANT_GRADIENTS
 from carcli.errors import EXIT_FAILED, EXIT_INTERRUPTED, ValidationError
+from carcli.interrupts import SIGNALS
 from carcli.train.config import TrainConfig
 
 SCALE = 4  # the scale a new run trains for unless told
@@ -291,9 +292,16 @@ def train(
         )
         if resume:
             trainer.load_state()
-    # Ctrl-C or `kill` (SIGTERM): finish the current step, save the state, stop.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: trainer.request_stop())
+    # Ctrl-C, `kill` (SIGTERM) or a closed terminal (SIGHUP): finish the current step,
+    # save the state, stop; the exit code says which (130, or 128 + the signal number).
+    received: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        trainer.request_stop()
+
+    for sig in (signal.SIGINT, *SIGNALS):
+        signal.signal(sig, stop)
     try:
         trainer.run()
     except ValidationError as exc:
@@ -303,8 +311,10 @@ def train(
     finally:
         ddp.teardown()
     if trainer.stop_requested:
-        print(f"interrupted: state saved at step {trainer.step}", file=sys.stderr)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        signum = received[0] if received else signal.SIGINT
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        print(f"interrupted{by}: state saved at step {trainer.step}", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum)
 
 
 def export(
