@@ -731,8 +731,9 @@ def roundtrip(
 ) -> None:
     """Downscale, quantise to 8 bits and upscale in memory; measure against the input.
 
-    Prints Y-PSNR and SSIM per image next to a bicubic baseline (MATLAB-style
-    imresize down and up at the same scale), with a mean row. Metrics: BT.601
+    Prints Y-PSNR and SSIM per image next to a bicubic baseline (MATLAB's
+    imresize down and up at the same scale, bit for bit on 8-bit images), with a
+    mean row. Metrics: BT.601
     luma, `scale` pixels shaved from each border, PSNR peak 255, SSIM with an
     11x11 Gaussian window (sigma 1.5). The result equals `car downscale` to PNG
     followed by `car upscale`.

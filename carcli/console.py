@@ -200,7 +200,7 @@ def roundtrip_table(
         title=f"CAR round trip x{scale}",
         caption=(
             f"Y-PSNR (dB) and SSIM on BT.601 luma, {scale} px border shaved; "
-            "bicubic = MATLAB-style imresize down (8-bit) and up"
+            "bicubic = MATLAB imresize down (8-bit) and up"
         ),
         header_style="bold",
     )
