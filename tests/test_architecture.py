@@ -80,3 +80,17 @@ def test_the_map_names_every_module() -> None:
         short = name.removeprefix("carcli.")
         assert f"`{short}`" in carcli.__doc__, f"{short} missing from carcli's docstring"
         assert f"`{short}`" in docs, f"{short} missing from docs/architecture.md"
+
+
+def test_the_former_modules_still_export_their_names() -> None:
+    """carcli.pipeline and carcli.tiling re-export what moved, for code that imports them."""
+    from carcli import engine, evaluation, pipeline, runpolicy, tiler, tiling
+
+    assert pipeline.Processor is engine.Processor
+    assert pipeline.evaluate_folder is evaluation.evaluate_folder
+    assert (
+        tiling.TiledModel is tiler.TiledModel
+        and tiling.default_threads is runpolicy.default_threads
+    )
+    for module in (pipeline, tiling):
+        assert all(hasattr(module, name) for name in module.__all__)

@@ -14,25 +14,22 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import carcli
-from carcli import pipeline, tasks
+from carcli import tasks
+from carcli.batch import Outcome, Task, make_items, run_batch
 from carcli.console import ConsoleReporter
-from carcli.imageio import SOURCE_SIZE_KEY, read_image, to_array
+from carcli.engine import Processor
+from carcli.errors import UsageError
+from carcli.evaluation import evaluate_folder
+from carcli.imageio import SCALE_KEY, SOURCE_SIZE_KEY, read_image, to_array
 from carcli.models import quantize
-from carcli.pipeline import (
-    DownscaleTask,
-    Processor,
-    RoundtripTask,
-    UpscaleTask,
-    UsageError,
-    collect_inputs,
-    evaluate_folder,
-    make_items,
-    run_batch,
-)
+from carcli.paths import check_paths, collect_inputs, output_target
+from carcli.pictures import restored_size, roundtrip_picture
 from carcli.resize import bicubic_downscale, bicubic_upscale
+from carcli.runpolicy import resolve_device
+from carcli.tasks import DownscaleTask, RoundtripTask, UpscaleTask
 
 
-def run(task: pipeline.Task, source: Path) -> list[pipeline.Outcome]:
+def run(task: Task, source: Path) -> list[Outcome]:
     return run_batch(task, make_items(task, collect_inputs(source)), ConsoleReporter(quiet=True))
 
 
@@ -79,7 +76,7 @@ def test_roundtrip_in_memory_equals_files(tiny_model, folder: Path, tmp_path: Pa
         source = read_image(folder / name)
         via_files = np.asarray(Image.open(up_dir / name))
         assert via_files.shape[:2] == (source.height, source.width)
-        lr, rec = pipeline.roundtrip_picture(processor, source)
+        lr, rec = roundtrip_picture(processor, source)
         np.testing.assert_array_equal(to_array(rec.rgb, rec.alpha, 8), via_files)
         np.testing.assert_array_equal(np.asarray(Image.open(rt_dir / "sr" / name)), via_files)
         np.testing.assert_array_equal(
@@ -97,12 +94,12 @@ def test_upscale_without_size_note_gives_full_multiple(tiny_model, tmp_path: Pat
 
 def test_restored_size_checks_scale_and_fit() -> None:
     picture = carcli.imageio.picture_from_array(photo(5, 7))
-    picture.text = {SOURCE_SIZE_KEY: "27x19", pipeline.SCALE_KEY: "4"}
-    assert pipeline.restored_size(picture, 4) == ((19, 27), None)
-    size, warning = pipeline.restored_size(picture, 2)
+    picture.text = {SOURCE_SIZE_KEY: "27x19", SCALE_KEY: "4"}
+    assert restored_size(picture, 4) == ((19, 27), None)
+    size, warning = restored_size(picture, 2)
     assert size is None and "4x" in warning
     picture.text = {SOURCE_SIZE_KEY: "99x99"}
-    assert pipeline.restored_size(picture, 4)[0] is None
+    assert restored_size(picture, 4)[0] is None
 
 
 def _y(rgb_uint8: np.ndarray) -> np.ndarray:
@@ -202,34 +199,34 @@ def test_path_checks(tmp_path: Path) -> None:
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     with pytest.raises(UsageError, match="same as INPUT"):
-        pipeline.check_paths(src, src, False)
+        check_paths(src, src, False)
     with pytest.raises(UsageError, match="inside INPUT"):
-        pipeline.check_paths(src, src / "sub", True)
-    pipeline.check_paths(src, src / "sub", False)  # not re-read without --recursive
+        check_paths(src, src / "sub", True)
+    check_paths(src, src / "sub", False)  # not re-read without --recursive
     image = tmp_path / "x.png"
     image.write_bytes(b"")
-    assert pipeline.output_target(image, tmp_path / "y.webp", None) == (
+    assert output_target(image, tmp_path / "y.webp", None) == (
         None,
         tmp_path / "y.webp",
         "webp",
     )
-    assert pipeline.output_target(image, tmp_path / "outdir", None) == (
+    assert output_target(image, tmp_path / "outdir", None) == (
         tmp_path / "outdir",
         None,
         "png",
     )
     with pytest.raises(UsageError, match="contradicts"):
-        pipeline.output_target(image, tmp_path / "y.png", "webp")
+        output_target(image, tmp_path / "y.png", "webp")
 
 
 def test_resolve_device() -> None:
-    assert pipeline.resolve_device("cpu") == torch.device("cpu")
-    assert pipeline.resolve_device("auto").type in ("cpu", "cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(UsageError):
-        pipeline.resolve_device("tpu")
+        resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA"):
-            pipeline.resolve_device("cuda:0")
+            resolve_device("cuda:0")
 
 
 def test_python_api_returns_the_same_kind(tiny_ckpt) -> None:

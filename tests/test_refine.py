@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import carcli
 from carcli import metrics
 from carcli.cli import app
-from carcli.pipeline import Processor
+from carcli.engine import Processor
 from carcli.refine import refine, refine_tile
 
 

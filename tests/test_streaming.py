@@ -13,21 +13,15 @@ import torch
 from conftest import photo
 from PIL import Image
 
-from carcli import imageio, pipeline
+from carcli import imageio
+from carcli.batch import Item, Outcome, Result, Summary, Task, make_items, run_batch
+from carcli.engine import Processor
 from carcli.imageio import Picture, is_temp_file
-from carcli.pipeline import (
-    DownscaleTask,
-    Item,
-    Outcome,
-    Processor,
-    Result,
-    Summary,
-    Task,
-    collect_inputs,
-    make_items,
-    run_batch,
-)
+from carcli.metrics import measure
+from carcli.paths import collect_inputs
+from carcli.pictures import roundtrip_picture
 from carcli.streaming import OrderedWorker, Prefetcher
+from carcli.tasks import DownscaleTask, RoundtripTask
 
 
 class Recorder:
@@ -279,13 +273,13 @@ def test_ordered_worker_hands_back_results_then_the_failure() -> None:
 def test_roundtrip_reports_match_sequential_processing(tiny_model, folder: Path) -> None:
     """The threaded runner gives the same records as computing each image by hand."""
     processor = Processor(tiny_model(2))
-    task = pipeline.RoundtripTask(processor, compare_bicubic=False)
+    task = RoundtripTask(processor, compare_bicubic=False)
     outcomes = run_batch(task, make_items(task, collect_inputs(folder)), Recorder())
     for outcome in outcomes:
         if outcome.status != "ok":
             continue
         picture = imageio.read_image(outcome.item.src)
-        _, rec = pipeline.roundtrip_picture(processor, picture)
-        psnr, _ = pipeline.measure(rec.rgb, picture.rgb, 2)
+        _, rec = roundtrip_picture(processor, picture)
+        psnr, _ = measure(rec.rgb, picture.rgb, 2)
         assert outcome.record["psnr"] == pytest.approx(psnr)
         assert np.isfinite(outcome.seconds) and outcome.seconds > 0
