@@ -129,7 +129,7 @@ def check_batch(files: list[tuple[str, list[tuple]]], weights: Path, command: st
         assert {p.name: p.read_bytes() for p in src.iterdir()} == written  # inputs untouched
 
 
-@pytest.mark.parametrize("command", ["downscale", "roundtrip"])
+@pytest.mark.parametrize("command", ["downscale", "upscale", "roundtrip"])
 def test_mutated_images_never_break_a_batch(
     tiny_weights: Path, pytestconfig: pytest.Config, command: str
 ) -> None:
