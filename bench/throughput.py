@@ -5,6 +5,8 @@
     python bench/throughput.py --make-folder DIR --count 50 --size 1680x1260   # ~2 MP photos
     python bench/throughput.py --make-photo big.png --size 6000x4000           # one 24 MP photo
     python bench/throughput.py --psnr ../shared/datasets/val/Set5 -s 4 --weights W  # fp32 vs bf16
+    python bench/throughput.py FOLDER --against fast     # installed pair vs a v2 preset or file,
+                                                          # side by side in one run
 
 For each scale it measures, on the same images in the same run:
 
@@ -48,6 +50,7 @@ from carcli.engine import Processor, build_processor
 from carcli.imageio import find_images, read_image
 from carcli.metrics import measure
 from carcli.models import CARModel, preset
+from carcli.models.config import preset_names
 from carcli.models.quantize import quantize_bits
 from carcli.paths import collect_inputs
 from carcli.runpolicy import RunPolicy, resolve_device
@@ -79,6 +82,10 @@ def make_processor(
     """The processor ``car`` would build, and a line saying which weights it has."""
     policy = policy_of(args)
     device = resolve_device(policy.device)
+    if weights is not None and not weights.exists() and str(weights) in preset_names():
+        torch.manual_seed(scale)
+        model = CARModel(preset(str(weights), scale)).eval()
+        return build_processor(model, policy), f"random {weights} preset"
     try:
         model, meta = load_model(weights, scale, device)
         what = f"{weights or 'installed weights'} ({model.config.name})"
@@ -344,6 +351,12 @@ def main(argv: list[str] | None = None) -> None:
         default=["downscale", "upscale", "roundtrip"],
         help="which command pipelines to time (comma-separated; default all three)",
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="a second checkpoint, or a preset name (random weights: speed only), timed after "
+        "the first on the same images; prints the ratios",
+    )
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--make-folder", type=Path, help="write --count synthetic photos here")
     parser.add_argument("--make-photo", type=Path, help="write one synthetic photo here")
@@ -378,6 +391,21 @@ def main(argv: list[str] | None = None) -> None:
             (folder / f.name).symlink_to(f.resolve())
         files = find_images(folder)
     report = [run_scale(scale, files, folder, args) for scale in args.scale]
+    if args.against is not None:
+        # The same images, the same run: the second checkpoint (or preset), then the ratios.
+        first = args.weights
+        args.weights = args.against
+        other = [run_scale(scale, files, folder, args) for scale in args.scale]
+        args.weights = first
+        print("\nside by side (seconds; ratio = second / first):")
+        for a, b in zip(report, other, strict=True):
+            for name in a["pipelines"]:
+                ta, tb = a["pipelines"][name]["wall"], b["pipelines"][name]["wall"]
+                print(
+                    f"  {a['scale']}x car {name}: {a['weights']} {ta:.2f} s, "
+                    f"{b['weights']} {tb:.2f} s, ratio {tb / ta:.3f}"
+                )
+        report = report + other
     rss = peak_rss_bytes()
     print(f"\npeak resident memory: {rss / 2**30:.2f} GiB")
     if args.json:

@@ -244,7 +244,7 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
 
     weights = Table(title="installed weights", header_style="bold")
     broken = any(w.get("error") for w in info["weights"])
-    columns = ("scale", "file", "config", "parameters", "validation")
+    columns = ("scale", "file", "config", "architecture", "parameters", "validation")
     for column in columns + ("problem",) * broken:
         weights.add_column(column, overflow="fold")
     for w in info["weights"]:
@@ -252,6 +252,7 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
             f"{w['scale']}x" if w.get("scale") else "?",
             Path(w["file"]).name,
             w.get("config") or "-",
+            w.get("architecture") or "-",
             w.get("parameters") or "-",
             w.get("validation") or "-",
         ]

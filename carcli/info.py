@@ -10,6 +10,7 @@ import torch
 from carcli import __version__
 from carcli.checkpoints import installed_weights, weights_dir
 from carcli.models import CARConfig, CARModel
+from carcli.models.config import describe
 from carcli.ops.native import describe_backend
 from carcli.runpolicy import resolve_device
 
@@ -41,6 +42,13 @@ def _parameters(meta: dict[str, Any]) -> dict[str, int] | None:
     try:
         with torch.device("meta"):
             return CARModel(CARConfig.from_dict(meta["config"])).parameter_counts()
+    except Exception:
+        return None
+
+
+def _architecture(config: dict[str, Any]) -> str | None:
+    try:
+        return describe(CARConfig.from_dict(config))
     except Exception:
         return None
 
@@ -85,6 +93,7 @@ def gather() -> dict[str, Any]:
                 "bytes": entry.get("size"),
                 "sha256": entry.get("sha256"),
                 "config": config.get("name"),
+                "architecture": _architecture(config),
                 "parameters": (
                     ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items()) if params else None
                 ),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from carcli.models import edsr as _edsr  # noqa: F401  (registers "edsr")
+from carcli.models import rep as _rep  # noqa: F401  (registers "rep")
 from carcli.models.config import CARConfig
 from carcli.models.layers import MeanShift
 from carcli.models.precision import autocast

@@ -32,15 +32,15 @@ class ResamplerConfig:
 
 @dataclass(frozen=True)
 class SRConfig:
-    """The SR network: EDSR with ``blocks`` residual blocks of ``features`` channels.
+    """The SR network: an architecture name from the registry and its size.
 
-    ``arch`` names the architecture (:func:`carcli.models.sr.build_sr`); configs
-    saved before it existed are EDSR.
+    ``edsr``: ``blocks`` residual blocks of ``features`` channels (two convs each).
+    ``rep``: ``blocks`` re-parameterisable 3x3 convs of ``features`` channels (:mod:`.rep`).
     """
 
     features: int = 256
     blocks: int = 32
-    res_scale: float = 0.1
+    res_scale: float = 0.1  # EDSR only
     arch: str = "edsr"
 
 
@@ -142,6 +142,12 @@ def _sub_config(kind: type, data: object) -> dict:
 _COMPACT_RESAMPLER = ResamplerConfig(c1=16, c2=32, c4=64, blocks=2, c8=64, trunk_convs=2)
 _COMPACT_SR = SRConfig(features=64, blocks=16, res_scale=1.0)
 
+# The efficient SR networks: plain re-parameterisable convs with a sub-pixel tail.
+_FAST_SR = {
+    2: SRConfig(arch="rep", features=64, blocks=12, res_scale=1.0),
+    4: SRConfig(arch="rep", features=64, blocks=16, res_scale=1.0),
+}
+
 # name -> (resampler, sr). "paper" is the authors' configuration (their checkpoints load into it).
 PRESETS: dict[str, tuple[ResamplerConfig, SRConfig]] = {
     "paper": (ResamplerConfig(), SRConfig()),
@@ -156,9 +162,36 @@ PRESETS: dict[str, tuple[ResamplerConfig, SRConfig]] = {
 }
 
 
+# Presets whose SR network depends on the scale: name -> (resampler, {scale: sr}).
+SCALED_PRESETS: dict[str, tuple[ResamplerConfig, dict[int, SRConfig]]] = {
+    "fast": (_COMPACT_RESAMPLER, _FAST_SR),
+    # the resampler at twice and four times the compact widths, with the fast SR network
+    "fast-r2": (replace(_COMPACT_RESAMPLER, c1=32, c2=64, c4=128, c8=128), _FAST_SR),
+    "fast-r4": (replace(_COMPACT_RESAMPLER, c1=64, c2=128, c4=256, c8=256), _FAST_SR),
+}
+
+
+def describe(config: CARConfig) -> str:
+    """One line naming both networks and their sizes, for `car info` and logs."""
+    r, sr = config.resampler, config.sr
+    res = f"resampler {r.c1}/{r.c2}/{r.c4}/{r.c8} ({r.blocks} res. blocks)"
+    if sr.arch == "edsr":
+        return f"{res}; EDSR {sr.blocks} blocks x {sr.features}"
+    return f"{res}; {sr.arch} {sr.blocks} convs x {sr.features}"
+
+
+def preset_names() -> list[str]:
+    return sorted([*PRESETS, *SCALED_PRESETS])
+
+
 def preset(name: str, scale: int) -> CARConfig:
+    if name in SCALED_PRESETS:
+        resampler, by_scale = SCALED_PRESETS[name]
+        if scale not in by_scale:
+            raise ValueError(f"config {name!r} has no {scale}x variant")
+        return CARConfig(scale=scale, resampler=resampler, sr=by_scale[scale], name=name)
     try:
         resampler, sr = PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown config {name!r}; choose from {sorted(PRESETS)}") from None
+        raise ValueError(f"unknown config {name!r}; choose from {preset_names()}") from None
     return CARConfig(scale=scale, resampler=resampler, sr=sr, name=name)

@@ -43,15 +43,22 @@ def parse_duration(text: str) -> float:
     return h * 3600 + mi * 60 + s
 
 
-def make_evaluator(folders: list[Path], device: torch.device):  # noqa: ANN201
-    """Validation through the same code path as `car roundtrip` (no files written)."""
+def make_evaluator(folders: list[Path], device: torch.device, generic: bool = False):  # noqa: ANN201
+    """Validation through the same code path as `car roundtrip` (no files written).
+
+    ``generic``: the SR network alone on bicubic LR images (a generic upscaler).
+    """
 
     def evaluate(model) -> dict:  # noqa: ANN001
         from carcli.console import ConsoleReporter
         from carcli.evaluation import evaluate_folder
+        from carcli.train.distill import evaluate_on_bicubic
 
         out = {}
         for folder in folders:
+            if generic:
+                out[folder.name] = evaluate_on_bicubic(model, folder, device)
+                continue
             # quiet: no progress bar or notes, but a file that fails still gets its error line
             reporter = ConsoleReporter(quiet=True)
             report = evaluate_folder(
@@ -116,8 +123,10 @@ def train(
     config: Annotated[
         str,
         typer.Option(
-            help="Network preset: compact, compact-deep (EDSR 24 blocks), paper, tiny. With "
-            "--init, a preset that only adds EDSR blocks grows the checkpoint's pair to it.",
+            help="Network preset: fast (re-parameterisable SR network), fast-r2/fast-r4 (its "
+            "resampler 2x/4x wider), compact, compact-deep (EDSR 24 blocks), paper, tiny. With "
+            "--init, a preset that only adds EDSR blocks grows the checkpoint's pair to it; one "
+            "with the same resampler and another SR network keeps the resampler, new SR network.",
         ),
     ] = _D.config,
     steps: Annotated[int | None, typer.Option(help="Total steps (cosine schedule length).")] = None,
@@ -134,6 +143,34 @@ def train(
     init: Annotated[
         Path | None, typer.Option(help="Start from an inference checkpoint (.safetensors).")
     ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            help="Distil from this trained pair: its round trip of each patch is a second "
+            "target. The student's resampler starts as the teacher's when their widths match."
+        ),
+    ] = None,
+    teacher_weight: Annotated[
+        float, typer.Option(help="Weight of the loss against the teacher's output.")
+    ] = _D.teacher_weight,
+    freeze_resampler: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-resampler/--train-resampler",
+            help="Train the SR network alone; with --teacher, the LR images and the teacher's "
+            "outputs are computed once per training image and cached.",
+        ),
+    ] = _D.freeze_resampler,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Teacher-target cache folder (default RUN/cache).")
+    ] = None,
+    lr_source: Annotated[
+        str,
+        typer.Option(
+            help="resampler (a CAR pair) or bicubic: train a generic SR network alone on "
+            "bicubic-downscaled images, for photos carcli did not downscale."
+        ),
+    ] = _D.lr_source,
     batch: Annotated[int, typer.Option(help="Patches per step.")] = _D.batch,
     patch: Annotated[
         int,
@@ -248,14 +285,14 @@ def train(
     only those given again.
     """
     from carcli.checkpoints import file_digest
-    from carcli.models import PRESETS
+    from carcli.models.config import preset_names
     from carcli.runpolicy import resolve_device
     from carcli.train import ddp
     from carcli.train.progress import make_display
     from carcli.train.trainer import Trainer, config_for_run
 
-    if config not in PRESETS:
-        raise typer.BadParameter(f"--config must be one of {', '.join(PRESETS)}")
+    if config not in preset_names():
+        raise typer.BadParameter(f"--config must be one of {', '.join(preset_names())}")
     given = {
         "scale": scale, "config": config, "steps": steps, "batch": batch, "patch": patch, "lr": lr,
         "min_lr": min_lr, "warmup": warmup, "offset_weight": offset_weight,
@@ -265,6 +302,8 @@ def train(
         "precision": precision, "channels_last": channels_last, "threads": threads,
         "val_every": val_every, "log_every": log_every,
         "checkpoint_minutes": checkpoint_minutes, "seed": seed,
+        "teacher_weight": teacher_weight, "freeze_resampler": freeze_resampler,
+        "lr_source": lr_source,
     }  # fmt: skip
     if resume:  # only what was given again: TrainConfig.resumed checks it against the run
         given = {k: v for k, v in given.items() if _given(ctx, k)}
@@ -277,6 +316,13 @@ def train(
         given["val"] = [str(v) for v in val]
     if init is not None:
         given["init"] = str(init.resolve())
+    if teacher is not None:
+        if not teacher.is_file():
+            raise typer.BadParameter(f"{teacher}: no such file", param_hint="--teacher")
+        given["teacher"] = str(teacher.resolve())
+        given["teacher_sha256"] = file_digest(teacher)
+    if cache_dir is not None:
+        given["cache_dir"] = str(cache_dir.resolve())
     if not resume and init is not None and init.is_file():
         given["init_sha256"] = file_digest(init)
     with user_errors():
@@ -285,7 +331,8 @@ def train(
         quiet = quiet or not ranks.main
         cfg = config_for_run(run, resume, **given)  # before minutes of decoding images
         _check_folders(run, cfg)
-        evaluator = make_evaluator([Path(v) for v in cfg.val], dev) if cfg.val else None
+        generic = cfg.lr_source == "bicubic"
+        evaluator = make_evaluator([Path(v) for v in cfg.val], dev, generic) if cfg.val else None
         display = make_display(quiet)
         trainer = Trainer(
             cfg, run, dev, evaluate=evaluator, quiet=quiet, display=display, ranks=ranks

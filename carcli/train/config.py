@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 # Reconstruction losses: the paper's L1, or the squared error that PSNR measures
 # (for final fine-tunes).
 LOSSES = ("l1", "mse")
+# Where the SR network's LR inputs come from: the pair's own resampler, or bicubic (generic).
+LR_SOURCES = ("resampler", "bicubic")
 # What may change when a run resumes: when to stop and how often to report or save.
 RESUMABLE = ("steps", "time_budget", "threads", "val_every", "log_every", "checkpoint_minutes")
 
@@ -51,6 +53,12 @@ class TrainConfig:
     reset_heads: bool = False  # with init: fresh kernel/offset heads, started as bicubic
     init: str | None = None  # start from an inference checkpoint (absolute path)
     init_sha256: str | None = None  # of that file, so the record names it after it is replaced
+    teacher: str | None = None  # a trained pair whose outputs are targets too (absolute path)
+    teacher_sha256: str | None = None
+    teacher_weight: float = 1.0  # weight of the loss against the teacher's output
+    freeze_resampler: bool = False  # train the SR network alone (with a teacher: cached targets)
+    cache_dir: str | None = None  # where teacher targets are cached (default: RUN/cache)
+    lr_source: str = "resampler"  # "bicubic": train the SR network alone on bicubic LR (generic)
     precision: str = "auto"  # bf16 autocast, fp32, or auto: per device (see resolved)
     channels_last: bool | None = None  # None: with bf16 only (see resolved)
     threads: int | None = None
@@ -84,6 +92,8 @@ class TrainConfig:
             ("soft_alpha", 0 <= self.soft_alpha <= 1, "must be between 0 and 1"),
             ("ema", 0 <= self.ema < 1, "must be at least 0 (off) and below 1"),
             ("sr_pretrain", self.sr_pretrain >= 0, "must be 0 or more"),
+            ("teacher_weight", self.teacher_weight >= 0, "must be 0 or more"),
+            ("lr_source", self.lr_source in LR_SOURCES, f"must be {' or '.join(LR_SOURCES)}"),
             ("precision", self.precision in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
             ("val_every", self.val_every >= 0, "must be 0 (never) or more"),
             ("log_every", self.log_every >= 1, "must be 1 or more"),

@@ -57,6 +57,7 @@ class PatchSampler:
     def __init__(self, folders: list[Path], patch: int, seed: int = 0, quiet: bool = False) -> None:
         self.patch = patch
         self.images: list[torch.Tensor] = []
+        self.kept: list[Path] = []  # the file of each image
         self.skipped: list[Path] = []
         self.unreadable: list[Path] = []
         self.paths = list_images(folders)
@@ -72,6 +73,7 @@ class PatchSampler:
                 self.skipped.append(path)
                 continue
             self.images.append(img)
+            self.kept.append(path)
         if not self.images:
             names = ", ".join(str(f) for f in folders)
             unreadable = f" ({len(self.unreadable)} unreadable)" if self.unreadable else ""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from carcli.checkpoints import GENERIC_ROLE
 from carcli.errors import UsageError, ValidationError, param
 from carcli.metrics import PEAK, rgb_to_y
 from carcli.models import CARModel, deepened, preset
@@ -124,6 +125,9 @@ def run_metadata(
 ) -> dict:
     """What an exported checkpoint records about how it was made."""
     return {
+        # generic-sr: an SR network for ordinary (bicubic) LR images, its resampler only a
+        # stand-in; pair: a resampler and the SR network trained for its output.
+        "role": GENERIC_ROLE if cfg.lr_source == "bicubic" else "pair",
         "recipe": cfg.to_dict(),
         "training_data": cfg.data,
         "steps": step,
@@ -139,11 +143,13 @@ def training_losses(
     cfg: TrainConfig,
     device: torch.device,
     freeze_resampler: bool = False,
+    teacher: CARModel | None = None,
 ) -> dict[str, torch.Tensor]:
     """One forward pass of the CAR pair on a batch of HR patches (sides multiples of 8).
 
     With ``freeze_resampler`` no gradient reaches the resampler (SR pre-training), so its
-    regularisers, constants then, are left out.
+    regularisers, constants then, are left out. With ``teacher`` its round trip of the
+    same patches is a second target (distillation).
     """
     grad = contextlib.nullcontext() if not freeze_resampler else torch.no_grad()
     # The networks keep the same float32 islands as in inference: the kernel head's
@@ -156,18 +162,12 @@ def training_losses(
     if cfg.channels_last:
         lr_q = lr_q.contiguous(memory_format=torch.channels_last)
     sr = model.sr.forward_mixed(lr_q, cfg.precision)
-    if cfg.loss not in RECONSTRUCTION_LOSSES:
-        names = " or ".join(RECONSTRUCTION_LOSSES)
-        raise ValueError(f"reconstruction loss must be {names}, got {cfg.loss!r}")
-    losses = {"l1": F.l1_loss(sr, hr)}  # logged whatever the loss, so runs stay comparable
-    if cfg.loss != "l1":
-        losses[cfg.loss] = RECONSTRUCTION_LOSSES[cfg.loss](sr, hr)
-    total = losses[cfg.loss]
-    if cfg.luma_weight > 0:
-        # Y / 255 is on the RGB loss's [0, 1] scale (its offset cancels in the difference).
-        y_sr, y_hr = rgb_to_y(sr) / PEAK, rgb_to_y(hr) / PEAK
-        losses["luma"] = RECONSTRUCTION_LOSSES[cfg.loss](y_sr, y_hr)
-        total = total + cfg.luma_weight * losses["luma"]
+    target = None
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(hr).float().clamp(0.0, 1.0)
+    losses = reconstruction_losses(sr, hr, cfg, target)
+    total = losses["total"]
     if freeze_resampler:
         losses["total"] = total
         return losses
@@ -179,6 +179,48 @@ def training_losses(
         total = total + cfg.tv_weight * losses["tv"]
     losses["total"] = total
     return losses
+
+
+def reconstruction_losses(
+    sr: torch.Tensor, hr: torch.Tensor, cfg: TrainConfig, target: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The loss against the ground truth, plus ``teacher_weight`` times that against ``target``."""
+    if cfg.loss not in RECONSTRUCTION_LOSSES:
+        names = " or ".join(RECONSTRUCTION_LOSSES)
+        raise ValueError(f"reconstruction loss must be {names}, got {cfg.loss!r}")
+    fn = RECONSTRUCTION_LOSSES[cfg.loss]
+    losses = {"l1": F.l1_loss(sr, hr)}  # logged whatever the loss, so runs stay comparable
+    if cfg.loss != "l1":
+        losses[cfg.loss] = fn(sr, hr)
+    total = losses[cfg.loss]
+    if cfg.luma_weight > 0:
+        # Y / 255 is on the RGB loss's [0, 1] scale (its offset cancels in the difference).
+        y_sr, y_hr = rgb_to_y(sr) / PEAK, rgb_to_y(hr) / PEAK
+        losses["luma"] = fn(y_sr, y_hr)
+        total = total + cfg.luma_weight * losses["luma"]
+    if target is not None and cfg.teacher_weight > 0:
+        losses["teacher"] = fn(sr, target)
+        total = total + cfg.teacher_weight * losses["teacher"]
+        if cfg.luma_weight > 0:
+            y_t = rgb_to_y(target) / PEAK
+            losses["teacher_luma"] = fn(rgb_to_y(sr) / PEAK, y_t)
+            total = total + cfg.teacher_weight * cfg.luma_weight * losses["teacher_luma"]
+    losses["total"] = total
+    return losses
+
+
+def sr_losses(
+    model: CARModel,
+    lr: torch.Tensor,
+    hr: torch.Tensor,
+    target: torch.Tensor | None,
+    cfg: TrainConfig,
+) -> dict[str, torch.Tensor]:
+    """The SR network alone on fixed 8-bit LR crops (frozen resampler, cached targets)."""
+    if cfg.channels_last:
+        lr = lr.contiguous(memory_format=torch.channels_last)
+    sr = model.sr.forward_mixed(lr, cfg.precision)
+    return reconstruction_losses(sr, hr, cfg, target)
 
 
 class Trainer:
@@ -216,6 +258,18 @@ class Trainer:
             self.model = CARModel(preset(cfg.config, cfg.scale))
             if cfg.bicubic_init:
                 self.model.resampler.init_as_bicubic()
+        self.teacher: CARModel | None = None
+        if cfg.teacher:
+            from carcli.checkpoints import load_model
+
+            self.teacher, _ = load_model(Path(cfg.teacher), cfg.scale, device="cpu")
+            self.teacher.eval().requires_grad_(False)
+            same = self.teacher.config.resampler == self.model.config.resampler
+            if not cfg.init and same:
+                self.model.resampler.load_state_dict(self.teacher.resampler.state_dict())
+                self._say("note: the student's resampler starts as the teacher's")
+        if cfg.freeze_resampler or cfg.lr_source == "bicubic":
+            self.model.resampler.requires_grad_(False)
         self.model.to(device).train()
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -233,9 +287,24 @@ class Trainer:
             seed=ddp.rank_seed(cfg.seed, self.ranks.rank),
             quiet=quiet,
         )
-        self.next_batch: Callable[[int], torch.Tensor] = self.sampler.batch  # tests feed patches
+        # The SR network alone on fixed LR crops: cached teacher targets, or bicubic LR.
+        generic = cfg.lr_source == "bicubic"
+        self.cached = generic or (self.teacher is not None and cfg.freeze_resampler)
+        if self.cached:
+            from carcli.train.distill import BicubicCache, DistillCache, DistillSampler
+
+            if generic:
+                cache = BicubicCache(cfg.scale)
+            else:
+                folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
+                student = copy.deepcopy(self.model).eval()
+                cache = DistillCache(folder, student, self.teacher, device)
+            self.sampler = DistillSampler(self.sampler, cache, cfg.scale, quiet=quiet)
+        if self.teacher is not None:
+            self.teacher.to(device)
+        self.next_batch: Callable[[int], Any] = self.sampler.batch  # tests feed patches
         self.losses = ddp.wrap(
-            lambda hr, freeze: training_losses(self.model, hr, cfg, device, freeze),
+            self._batch_losses,
             self.model,
             self.ranks,
             device,
@@ -259,6 +328,14 @@ class Trainer:
             self._say(
                 f"note: EDSR deepened from {have.sr.blocks} to {want.sr.blocks} blocks "
                 f"for config {name}; the new blocks start as identities"
+            )
+        elif want.resampler == have.resampler and want.sr != have.sr:
+            student = CARModel(want)
+            student.resampler.load_state_dict(self.model.resampler.state_dict())
+            self.model = student
+            self._say(
+                f"note: resampler from the init checkpoint, a new {want.sr.arch} SR network "
+                f"({want.sr.blocks} x {want.sr.features}) for the {name} config"
             )
         else:
             self._say(f"note: the init checkpoint uses config {have.name!r}, kept as it is")
@@ -346,16 +423,33 @@ class Trainer:
             return self.elapsed / self.cfg.time_budget
         return 0.0
 
+    def _batch_losses(self, batch: Any, freeze: bool) -> dict[str, torch.Tensor]:
+        """Losses of one batch: HR patches, or (LR, HR, teacher) crops in the cached modes."""
+        cfg, device = self.cfg, self.device
+        if self.cached:
+            lr, hr, target = batch
+            return sr_losses(self.model, lr, hr, target, cfg)
+        return training_losses(self.model, batch, cfg, device, freeze, teacher=self.teacher)
+
+    def _next_batch(self) -> Any:
+        batch = self.next_batch(self.cfg.batch)
+        if self.cached:
+            lr, hr, target = batch
+            return lr.to(self.device), hr.to(self.device), _to(target, self.device)
+        hr = batch.to(self.device)
+        if self.cfg.channels_last:
+            hr = hr.contiguous(memory_format=torch.channels_last)
+        return hr
+
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        hr = self.next_batch(cfg.batch).to(self.device)
-        if cfg.channels_last:
-            hr = hr.contiguous(memory_format=torch.channels_last)
+        batch = self._next_batch()
         lr = lr_at(cfg, self.step, self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        pretraining = self.step < cfg.sr_pretrain  # Adam skips the resampler (no gradients)
-        losses = self.losses(hr, pretraining)  # through DDP under torchrun
+        # Adam skips the resampler while it gets no gradients
+        frozen = cfg.freeze_resampler or self.step < cfg.sr_pretrain
+        losses = self.losses(batch, frozen)  # through DDP under torchrun
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if cfg.grad_clip > 0:
@@ -506,6 +600,10 @@ class Trainer:
         return (cfg.steps is not None and self.step >= cfg.steps) or (
             cfg.time_budget is not None and self.elapsed >= cfg.time_budget
         )
+
+
+def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return x.to(device) if x is not None else None
 
 
 def validation_at(history: list[dict], step: int) -> dict | None:

@@ -1,0 +1,265 @@
+"""SR architectures by name, the re-parameterisable network, distillation and the generic mode."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from carcli.checkpoints import load_model, save_checkpoint
+from carcli.models import CARConfig, CARModel, preset, quantize
+from carcli.models.config import SRConfig, describe, preset_names
+from carcli.models.rep import RepConv3, RepSR
+from carcli.tiler import TiledModel
+from carcli.train.distill import DistillSampler
+from carcli.train.trainer import TrainConfig, Trainer
+
+SEED = 20261206
+
+
+def tiny_rep(scale: int, blocks: int = 3) -> CARConfig:
+    tiny = preset("tiny", scale)
+    return replace(tiny, sr=SRConfig(arch="rep", features=8, blocks=blocks, res_scale=1.0))
+
+
+def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights far from the near-identity start, so every branch matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("cin,cout", [(8, 8), (3, 8), (8, 12)])
+def test_fused_repconv_equals_its_branches(cin: int, cout: int) -> None:
+    print(f"seed {SEED}")
+    torch.manual_seed(SEED)
+    conv = randomised(RepConv3(cin, cout), SEED)
+    x = torch.randn(2, cin, 11, 13, dtype=torch.float64)
+    conv = conv.double()
+    branches = conv.train()(x)
+    with torch.no_grad():
+        fused = conv.eval()(x)
+    torch.testing.assert_close(fused, branches, rtol=1e-10, atol=1e-10)
+    # the cache follows the weights: a change is seen at the next call
+    with torch.no_grad():
+        conv.conv1.weight.add_(0.5)
+        expected = conv.train()(x)
+        torch.testing.assert_close(conv.eval()(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_forward_still_passes_gradients_to_the_input() -> None:
+    """Refinement (``--refine``) differentiates the SR network in eval mode w.r.t. its input."""
+    torch.manual_seed(SEED)
+    sr = randomised(RepSR(8, 2, 2), SEED).double()
+    x = torch.rand(1, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    sr.train()
+    (g_train,) = torch.autograd.grad(sr(x).square().sum(), x)
+    sr.eval()
+    (g_eval,) = torch.autograd.grad(sr(x).square().sum(), x)
+    torch.testing.assert_close(g_eval, g_train)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_rep_margins_cover_the_receptive_field(scale: int) -> None:
+    config = tiny_rep(scale, blocks=4)
+    model = randomised(CARModel(config), SEED)
+    body, up = model.sr.stage_margins()
+    lr = torch.rand(1, 3, 32, 12, requires_grad=True)
+    model.sr(lr)[0, :, 16 * scale].sum().backward()
+    rows = torch.nonzero(lr.grad.abs().sum(dim=(0, 1, 3))).flatten()
+    assert max(16 - int(rows.min()), int(rows.max()) - 16) == body + up == 4 + 2
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_rep_model_tiled_matches_untiled(scale: int) -> None:
+    model = randomised(CARModel(tiny_rep(scale)), SEED + scale).eval()
+    gen = torch.Generator().manual_seed(SEED)
+    lr = quantize(torch.rand(1, 3, 37, 29, generator=gen))
+    with torch.inference_mode():
+        whole = model.upscale(lr).clamp(0, 1)
+        tiled = TiledModel(model).upscale(lr, size=None, tile=8 * scale)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=2e-6)
+
+
+def test_checkpoint_records_the_architecture_and_loads_it(tmp_path: Path) -> None:
+    model = randomised(CARModel(tiny_rep(2)), SEED).eval()
+    path = tmp_path / "rep.safetensors"
+    save_checkpoint(model, path, {})
+    loaded, meta = load_model(path, 2)
+    assert loaded.config.sr.arch == "rep" and isinstance(loaded.sr, RepSR)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert "rep 3 convs x 8" in describe(loaded.config)
+
+
+def test_configs_without_an_architecture_are_edsr() -> None:
+    data = preset("compact", 4).to_dict()
+    del data["sr"]["arch"]
+    assert CARConfig.from_dict(json.loads(json.dumps(data))).sr.arch == "edsr"
+    with pytest.raises(ValueError, match="unknown SR architecture 'nope'"):
+        CARModel(replace(preset("tiny", 2), sr=SRConfig(arch="nope")))
+
+
+def test_fast_presets_are_cheaper_than_the_shipped_edsr() -> None:
+    assert {"fast", "fast-r2", "fast-r4"} <= set(preset_names())
+    for scale in (2, 4):
+        fast, compact = CARModel(preset("fast", scale)), CARModel(preset("compact", scale))
+        assert fast.parameter_counts()["sr"] < 0.55 * compact.parameter_counts()["sr"]
+        wide = CARModel(preset("fast-r2", scale)).parameter_counts()["resampler"]
+        assert wide > 3 * fast.parameter_counts()["resampler"]
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.fixture
+def train_dir(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(SEED)
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i in range(3):
+        coarse = (rng.random((10, 12, 3)) * 255).astype(np.uint8)
+        img = Image.fromarray(coarse).resize((72 + 8 * i, 64), Image.BICUBIC)
+        img.save(folder / f"{i}.png")
+    return folder
+
+
+def _cfg(train_dir: Path, **kw) -> TrainConfig:
+    base = dict(
+        scale=2, data=[str(train_dir)], val=[], config="tiny", steps=4, batch=2, patch=32,
+        lr=1e-3, warmup=0, precision="fp32", channels_last=False, val_every=0, ema=0, seed=SEED,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def teacher_file(tmp_path: Path) -> Path:
+    torch.manual_seed(SEED + 1)  # not the student's seed: its SR network must differ
+    teacher = CARModel(preset("tiny", 2)).eval()
+    path = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher, path, {})
+    return path
+
+
+class _Fake:
+    """A PatchSampler stand-in holding given images, for checking crop alignment."""
+
+    def __init__(self, images: list[torch.Tensor], patch: int) -> None:
+        self.images, self.patch = images, patch
+        self.kept = [Path(f"{i}.png") for i in range(len(images))]
+        self.weights = torch.ones(len(images)) / len(images)
+        self.generator = torch.Generator().manual_seed(SEED)
+        self.pixels = sum(i.shape[1] * i.shape[2] for i in images)
+
+
+class _BoxCache:
+    """LR = s x s box average of the HR image, teacher = HR + 1 (easy to check)."""
+
+    def __init__(self, scale: int) -> None:
+        self.scale = scale
+
+    def entry(self, path: Path, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lr = torch.nn.functional.avg_pool2d(hr.float()[None], self.scale)[0]
+        return lr.round().to(torch.uint8), (hr.float() / 255 + 1).half()
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_distill_crops_are_aligned_under_every_flip(scale: int) -> None:
+    gen = torch.Generator().manual_seed(SEED)
+    # Piecewise constant on s x s blocks: the box average is exact, so alignment is checkable.
+    blocks = torch.randint(0, 256, (3, 3, 13, 11), generator=gen, dtype=torch.uint8)
+    images = [b.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for b in blocks]
+    sampler = DistillSampler(_Fake(images, 8 * scale), _BoxCache(scale), scale, quiet=True)
+    for _ in range(5):
+        lr, hr, teacher = sampler.batch(8)
+        assert lr.shape[-1] * scale == hr.shape[-1] == 8 * scale
+        torch.testing.assert_close(torch.nn.functional.avg_pool2d(hr, scale), lr)
+        torch.testing.assert_close(teacher, hr + 1, atol=2e-3, rtol=0)
+
+
+def test_distillation_with_a_frozen_resampler_caches_targets(
+    train_dir: Path, teacher_file: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cfg = _cfg(train_dir, teacher=str(teacher_file), freeze_resampler=True, cache_dir=str(cache))
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    teacher, _ = load_model(teacher_file, 2)
+    # the student's resampler starts as the teacher's and does not move
+    before = {k: v.clone() for k, v in trainer.model.resampler.state_dict().items()}
+    for key, value in teacher.resampler.state_dict().items():
+        torch.testing.assert_close(before[key], value)
+    first = trainer.train_step()
+    assert first["teacher"] > 0 and first["total"] > first["l1"]
+    trainer.run()
+    for key, value in trainer.model.resampler.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    files = sorted(cache.iterdir())
+    assert len(files) == 3
+    stamps = [f.stat().st_mtime_ns for f in files]
+    # a second run with the same networks reuses the cache, and draws the same batches
+    again = Trainer(cfg, tmp_path / "run2", torch.device("cpu"), quiet=True)
+    assert sorted(cache.iterdir()) == files
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert again.train_step()["total"] == pytest.approx(first["total"], rel=1e-5)
+
+
+def test_distillation_targets_are_the_teachers_round_trip(
+    train_dir: Path, teacher_file: Path, tmp_path: Path
+) -> None:
+    """Joint training with a teacher: the second loss is against the teacher's output."""
+    cfg = _cfg(train_dir, teacher=str(teacher_file), teacher_weight=0.5)
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    hr = trainer.sampler.batch(2)
+    from carcli.train.trainer import training_losses
+
+    losses = training_losses(trainer.model, hr, cfg, torch.device("cpu"), teacher=trainer.teacher)
+    with torch.no_grad():
+        target = trainer.teacher(hr).clamp(0, 1)
+    assert losses["teacher"] > 0
+    total = losses["l1"] + 0.5 * losses["teacher"] + cfg.offset_weight * losses["offset"]
+    total = total + cfg.tv_weight * losses["tv"]
+    torch.testing.assert_close(losses["total"], total)
+    assert target.shape == hr.shape
+
+
+def test_init_with_another_sr_architecture_keeps_the_resampler(
+    train_dir: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(SEED)
+    pair = tmp_path / "compact.safetensors"
+    save_checkpoint(CARModel(preset("compact", 2)).eval(), pair, {})
+    cfg = _cfg(train_dir, init=str(pair), config="fast", steps=1)
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    teacher, _ = load_model(pair, 2)
+    assert trainer.model.config.sr.arch == "rep"
+    for key, value in teacher.resampler.state_dict().items():
+        torch.testing.assert_close(trainer.model.resampler.state_dict()[key], value)
+
+
+def test_generic_mode_trains_on_bicubic_lr_and_says_so(train_dir: Path, tmp_path: Path) -> None:
+    from carcli.train.distill import evaluate_on_bicubic
+
+    cfg = _cfg(train_dir, lr_source="bicubic", steps=3)
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    frozen = {k: v.clone() for k, v in trainer.model.resampler.state_dict().items()}
+    trainer.run()
+    for key, value in trainer.model.resampler.state_dict().items():
+        torch.testing.assert_close(value, frozen[key])
+    trainer.export(tmp_path / "g.safetensors")
+    _, meta = load_model(tmp_path / "g.safetensors", 2)
+    assert meta["role"] == "generic-sr"
+    from carcli.checkpoints import load_generic
+
+    assert load_generic(tmp_path / "g.safetensors", 2).config.sr == trainer.model.config.sr
+    report = evaluate_on_bicubic(trainer.model.eval(), train_dir, torch.device("cpu"))
+    assert 5 < report["psnr"] < 60 and 0 < report["ssim"] <= 1
