@@ -46,6 +46,7 @@ Module map (one job each; docs/architecture.md says more)::
       `models.resampler`      the kernel-generation network, float32 kernel head, reach
       `models.sr`             `SRNetwork` (what an SR network offers) and `register_sr`
       `models.edsr`           EDSR, registered as "edsr": its two stages, float32 ends and margins
+      `models.rep`            a re-parameterisable plain SR network, registered as "rep"
       `models.layers`         building blocks laid out like the authors' files
       `models.precision`      mixed precision: one autocast helper for inference and training
       `models.quantize`       every quantiser: 8-bit LR, N-bit outputs, the training gradient
@@ -61,6 +62,7 @@ Module map (one job each; docs/architecture.md says more)::
       `train.losses`          the regularisers on kernels and offsets
       `train.progress`        what `car train` shows while it runs
       `train.ddp`             many processes under torchrun (DistributedDataParallel)
+      `train.distill`         cached distillation targets; bicubic LR for the generic upscaler
       `train.export`          a run -> the inference checkpoint `car` loads, with CPU timing
       `train.average`         weight averaging of checkpoints (a model soup)
       `train.__main__`        `python -m carcli.train`

@@ -37,11 +37,16 @@ def _image_key(path: Path) -> str:
     ]
 
 
-def _processor(model: CARModel, device: torch.device):  # noqa: ANN202
-    from carcli.engine import Processor
+def _processor(model: CARModel, device: torch.device, precision: str = "auto"):  # noqa: ANN202
+    """The inference engine, as `car` builds it, on the trainer's device and thread count.
 
-    # The device's default precision: what `car` itself runs on this machine.
-    return Processor(model, device=device, precision="auto")
+    ``auto``: the device's default precision, what `car` itself runs there.
+    """
+    from carcli.engine import build_processor
+    from carcli.runpolicy import RunPolicy
+
+    policy = RunPolicy(device=device, precision=precision, threads=torch.get_num_threads())
+    return build_processor(model, policy)
 
 
 class DistillCache:
@@ -201,12 +206,11 @@ def evaluate_on_bicubic(model: CARModel, folder: Path, device: torch.device) -> 
     import numpy as np
     from PIL import Image
 
-    from carcli.engine import Processor
     from carcli.imageio import find_images
     from carcli.metrics import measure
     from carcli.resize import bicubic_downscale
 
-    processor = Processor(model, device=device, precision="fp32")
+    processor = _processor(model, device, precision="fp32")
     psnrs, ssims = [], []
     for path in find_images(folder):
         with Image.open(path) as im:
