@@ -12,7 +12,7 @@ For each scale it measures, on the same images in the same run:
 
 * PIL's bicubic resize down and up (the reference point: what a plain resize costs);
 * compute alone: the Processor's downscale (resampler network + resampling op)
-  and upscale (EDSR) on already-decoded images, nothing written;
+  and upscale (the SR network) on already-decoded images, nothing written;
 * the three commands' pipelines as ``car`` runs them (``run_batch``: decode,
   compute, encode, write; roundtrip also measures PSNR/SSIM and the bicubic
   baseline), with their wall time divided by the compute-alone time: 1.00 means
@@ -106,8 +106,8 @@ class Timed:
     """Adds up the time in the processor's two methods and in the two networks' forwards.
 
     ``seconds`` has the processor's ``downscale`` (resampler network, resampling
-    op, tiling) and ``upscale`` (EDSR, tiling); ``networks`` the forward passes
-    of the resampler network and of EDSR's stages alone.
+    op, tiling) and ``upscale`` (SR network, tiling); ``networks`` the forward passes
+    of the resampler network and of the SR network's parts alone.
     """
 
     def __init__(self, processor: Processor) -> None:
@@ -122,8 +122,8 @@ class Timed:
         for name, fn in self._orig.items():
             setattr(self.processor, name, self._wrap(name, fn))
         model = self.processor.model
-        sr = model.sr
-        for module in (model.resampler, sr.sub_mean, sr.head, sr.body, *sr.tail, sr.add_mean):
+        # The SR network's top-level parts, whatever the architecture (they run one at a time).
+        for module in (model.resampler, *model.sr.children()):
             self._hooks.append(module.register_forward_pre_hook(self._start))
             self._hooks.append(module.register_forward_hook(self._stop))
         return self
@@ -233,7 +233,7 @@ def run_scale(scale: int, files: list[Path], folder: Path, args: argparse.Namesp
         ("PIL bicubic up", pil_up, None),
         ("PIL bicubic roundtrip", pil_down + pil_up, None),
         ("compute downscale (resampler + op)", down, None),
-        ("compute upscale (EDSR)", up, None),
+        ("compute upscale (SR network)", up, None),
         ("compute roundtrip", down + up, None),
         ("  of which network forward passes", nets, None),
     ]
