@@ -10,7 +10,7 @@ from torch import nn
 from carcli.models.config import CARConfig
 from carcli.models.layers import MeanShift
 from carcli.models.precision import autocast
-from carcli.models.sr import SRNetwork, register_sr
+from carcli.models.sr import SRNetwork, float_head_then_body, register_sr
 
 
 def conv3(cin: int, cout: int) -> nn.Conv2d:
@@ -79,11 +79,7 @@ class EDSR(SRNetwork):
         bits) would round by up to a quarter of a level (measured at 2x: Set5
         0.008 dB below this, which is within 0.001 dB of fp32).
         """
-        x = self.head(self.sub_mean(lr.float()))
-        with autocast(x.device, precision):
-            if torch.is_autocast_enabled(x.device.type):  # keep the residual stream in half
-                x = x.to(torch.get_autocast_dtype(x.device.type))
-            return x + self.body(x)
+        return float_head_then_body(self, lr, precision)
 
     def reconstruct(self, feats: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """From the body's features to the (unclamped) HR image (as :meth:`forward`).

@@ -21,8 +21,7 @@ from torch import nn
 
 from carcli.models.config import CARConfig
 from carcli.models.layers import MeanShift
-from carcli.models.precision import autocast
-from carcli.models.sr import SRNetwork, register_sr
+from carcli.models.sr import SRNetwork, float_head_then_body, register_sr
 
 
 class RepConv3(nn.Module):
@@ -135,11 +134,7 @@ class RepSR(SRNetwork):
 
     def features(self, lr: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """Head (float32: it reads the 8-bit image) and body with the global skip."""
-        x = self.head(self.sub_mean(lr.float()))
-        with autocast(x.device, precision):
-            if torch.is_autocast_enabled(x.device.type):  # keep the residual stream in half
-                x = x.to(torch.get_autocast_dtype(x.device.type))
-            return x + self.body(x)
+        return float_head_then_body(self, lr, precision)
 
     def reconstruct(self, feats: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """The sub-pixel tail in float32: its output is the RGB image itself."""

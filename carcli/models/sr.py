@@ -80,6 +80,20 @@ class SRNetwork(nn.Module):
         return total / probe**2
 
 
+def float_head_then_body(net: nn.Module, lr: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """``x + body(x)``, ``x = head(sub_mean(lr))``: the head in float32, the body under autocast.
+
+    The head reads the 8-bit image, which bfloat16 (8 significant bits) would round by up to a
+    quarter of a level; the residual stream then stays in the half type. For networks with
+    EDSR's layout (``sub_mean``, ``head``, ``body``): EDSR and the re-parameterisable network.
+    """
+    x = net.head(net.sub_mean(lr.float()))
+    with autocast(x.device, precision):
+        if torch.is_autocast_enabled(x.device.type):  # keep the residual stream in half
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return x + net.body(x)
+
+
 SRBuilder = Callable[["CARConfig"], SRNetwork]
 _BUILDERS: dict[str, SRBuilder] = {}
 

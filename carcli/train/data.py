@@ -46,6 +46,17 @@ def _load_rgb8(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def augment(crop: torch.Tensor, code: int) -> torch.Tensor:
+    """One of the 8 flips and transposes of a square crop (bits of ``code``: x, y, transpose)."""
+    if code & 1:
+        crop = crop.flip(-1)
+    if code & 2:
+        crop = crop.flip(-2)
+    if code & 4:
+        crop = crop.transpose(-1, -2)
+    return crop
+
+
 class PatchSampler:
     """Draws batches of random HR crops with flips and 90-degree rotations.
 
@@ -104,14 +115,7 @@ class PatchSampler:
             img = self.images[i]
             y = int(torch.randint(0, img.shape[1] - p + 1, (1,), generator=g))
             x = int(torch.randint(0, img.shape[2] - p + 1, (1,), generator=g))
-            crop = img[:, y : y + p, x : x + p]
-            if a & 1:
-                crop = crop.flip(-1)
-            if a & 2:
-                crop = crop.flip(-2)
-            if a & 4:
-                crop = crop.transpose(-1, -2)
-            crops.append(crop)
+            crops.append(augment(img[:, y : y + p, x : x + p], a))
         return torch.stack(crops).float().div_(255.0)
 
     def state_dict(self) -> dict:

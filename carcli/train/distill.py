@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from carcli.models import CARModel
+from carcli.train.data import augment
 
 CACHE_VERSION = 1
 
@@ -175,14 +176,7 @@ class DistillSampler:
             ]
             if teacher is not None:
                 crops.append(teacher[:, s * ly : s * ly + p, s * lx : s * lx + p])
-            for k, c in enumerate(crops):
-                if a & 1:
-                    c = c.flip(-1)
-                if a & 2:
-                    c = c.flip(-2)
-                if a & 4:
-                    c = c.transpose(-1, -2)
-                crops[k] = c
+            crops = [augment(c, a) for c in crops]  # the same for all three
             lrs.append(crops[0])
             hrs.append(crops[1])
             ts += crops[2:]
