@@ -55,6 +55,18 @@ def photo(height: int, width: int, seed: int = 0, channels: int = 3) -> np.ndarr
     return np.clip(np.stack(planes, axis=-1) * 255, 0, 255).round().astype(np.uint8)
 
 
+def assert_one_error(result, code: int, *needles: str) -> str:  # noqa: ANN001
+    """Exactly one ``error:`` line, no traceback, the exit code; returns the line."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def record_dtypes(modules: dict[str, torch.nn.Module]) -> dict[str, tuple]:
     """Input and output dtypes of each module's latest call, filled in as they run."""
     seen: dict[str, tuple] = {}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_error
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -29,18 +30,6 @@ runner = CliRunner()
 
 def car(*args: str | Path, env: dict[str, str] | None = None):
     return runner.invoke(app, [str(a) for a in args], env=env)
-
-
-def assert_one_error(result, code: int, *needles: str) -> str:
-    """Exactly one ``error:`` line, no traceback, the exit code; returns the line."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

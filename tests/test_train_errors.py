@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_error as one_error
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,17 +25,6 @@ pytestmark = pytest.mark.slow  # short training runs
 
 def car(*args: str | Path):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error(result, code: int, *needles: str) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

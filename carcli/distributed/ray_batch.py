@@ -33,9 +33,9 @@ from typing import Any
 
 from carcli.batch import (
     Item,
+    NullReporter,
     Outcome,
     Reporter,
-    Summary,
     Task,
     make_items,
     run_batch,
@@ -208,21 +208,12 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-class _Collector:
+class _Collector(NullReporter):
     """A silent :class:`Reporter` for run_batch inside an actor: keeps notes and warnings."""
 
     def __init__(self) -> None:
         self.notes: list[str] = []
         self.warnings: dict[str, list[str]] = {}
-
-    def start(self, total: int, label: str) -> None:
-        pass
-
-    def advance(self, outcome: Outcome) -> None:
-        pass
-
-    def error(self, rel: str, reason: str) -> None:
-        pass
 
     def warn(self, rel: str, message: str) -> None:
         self.warnings.setdefault(rel, []).append(message)
@@ -230,9 +221,6 @@ class _Collector:
     def note(self, message: str) -> None:
         if message not in self.notes:
             self.notes.append(message)
-
-    def finish(self, summary: Summary) -> None:
-        pass
 
 
 class _ActorTask(Task):
