@@ -36,10 +36,13 @@ ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_processor(weights: str | None, scale: int, policy: RunPolicy) -> Processor:
+def _cached_processor(
+    weights: str | None, scale: int, policy: RunPolicy, upscale_only: bool = False
+) -> Processor:
     from carcli.checkpoints import load_model
 
-    model, _ = load_model(Path(weights) if weights else None, scale, resolve_device(policy.device))
+    device = resolve_device(policy.device)
+    model, _ = load_model(Path(weights) if weights else None, scale, device, upscale_only)
     return build_processor(model, policy)
 
 
@@ -49,14 +52,20 @@ def _processor(
     device: str,
     precision: str,
     threads: int | None,
+    upscale_only: bool = False,
 ) -> Processor:
-    """The processor ``car`` would build for these options (the threads default differs)."""
+    """The processor ``car`` would build for these options (the threads default differs).
+
+    ``upscale_only``: a generic upscaler (no resampler) is accepted as ``weights``.
+    """
     policy = RunPolicy(str(device), precision, threads="keep" if threads is None else threads)
     if isinstance(weights, CARModel):
         if weights.scale != scale:
             raise ValueError(f"the model is for {weights.scale}x, not {scale}x")
+        if weights.sr_only and not upscale_only:
+            raise ValueError("the model is a generic upscaler (no resampler): it cannot downscale")
         return build_processor(weights, policy)
-    return _cached_processor(str(weights) if weights else None, scale, policy)
+    return _cached_processor(str(weights) if weights else None, scale, policy, upscale_only)
 
 
 def _refining(processor: Processor, steps: int) -> Processor:
@@ -148,7 +157,7 @@ def upscale(
     picture, back = _picture_of(image)
     if size is None:
         size = restored_size(picture, scale)[0]
-    processor = _processor(weights, scale, device, precision, threads)
+    processor = _processor(weights, scale, device, precision, threads, upscale_only=True)
     return back(upscale_picture(processor, picture, size))
 
 

@@ -57,7 +57,8 @@ def shipped_name(scale: int) -> str:
 
 # A generic upscaler: an SR network trained on plain bicubic LR images, for inputs that
 # `car downscale` did not make. It lives next to the pair weights as car_generic_x{s}, in the
-# carcli-car/1 format (its resampler part is never used) with metadata "role": "generic-sr".
+# carcli-car/1 format with metadata "role": "generic-sr" and only the sr.* tensors: it has no
+# trained resampler, so it is written without one (half the file) and loads as upscale-only.
 GENERIC_ROLE = "generic-sr"
 
 
@@ -232,7 +233,11 @@ def save_checkpoint(model: CARModel, path: Path, metadata: dict | None = None) -
         header[key] = json.dumps(value, default=_json_default)
 
     tensors: dict[str, torch.Tensor] = {}
-    for prefix, net in (("resampler", model.resampler), ("sr", model.sr)):
+    sr_only = (metadata or {}).get("role") == GENERIC_ROLE or model.sr_only
+    if sr_only and header.get("role") is None:
+        header["role"] = json.dumps(GENERIC_ROLE)
+    parts = (("sr", model.sr),) if sr_only else (("resampler", model.resampler), ("sr", model.sr))
+    for prefix, net in parts:
         for key, tensor in net.state_dict().items():
             tensors[f"{prefix}.{key}"] = tensor.detach().to("cpu", torch.float32).contiguous()
 
@@ -335,14 +340,20 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[CAR
         raise WeightsError(
             f"{path} has keys outside resampler./sr.: {_names(stray, 'unexpected key')}"
         )
+    # A generic upscaler's resampler was never trained: older files carry one, ignored.
+    sr_only = meta.get("role") == GENERIC_ROLE
     # Shapes first, on a skeleton: a config claiming a huge network with small tensors
     # is refused here, before the real network allocates anything.
     skeleton = _skeleton(config)
-    _check_state(skeleton.resampler, states["resampler"], f"{path} (resampler)")
+    if not sr_only:
+        _check_state(skeleton.resampler, states["resampler"], f"{path} (resampler)")
     _check_state(skeleton.sr, states["sr"], f"{path} (SR network)")
     check_finite(tensors, str(path))
     model = CARModel(config)
-    _load_strict(model.resampler, states["resampler"], f"{path} (resampler)")
+    if sr_only:
+        model.sr_only = True
+    else:
+        _load_strict(model.resampler, states["resampler"], f"{path} (resampler)")
     _load_strict(model.sr, states["sr"], f"{path} (SR network)")
     return model.to(device).eval(), meta
 
@@ -508,9 +519,29 @@ def _official_metadata(model: CARModel, folder: Path) -> dict[str, Any]:
 
 
 def load_model(
-    weights: Path | None, scale: int, device: str | torch.device = "cpu"
+    weights: Path | None,
+    scale: int,
+    device: str | torch.device = "cpu",
+    upscale_only: bool = False,
 ) -> tuple[CARModel, dict]:
-    """Resolve what the user pointed at (or the shipped weights) to a model in eval mode."""
+    """Resolve what the user pointed at (or the shipped weights) to a model in eval mode.
+
+    A generic upscaler (no resampler) is refused unless ``upscale_only``: the caller only
+    upscales with it.
+    """
+    model, meta = _resolve_model(weights, scale, device)
+    if model.sr_only and not upscale_only:
+        path = weights_files(weights, scale, meta)[0]
+        raise WeightsError(
+            f"{path} is a generic upscaler (an SR network without a resampler): it can "
+            f"upscale but not downscale; use a CAR pair such as {shipped_name(scale)}"
+        )
+    return model, meta
+
+
+def _resolve_model(
+    weights: Path | None, scale: int, device: str | torch.device
+) -> tuple[CARModel, dict]:
     check_scale(scale)
     if weights is None:
         folder = weights_dir()

@@ -265,10 +265,12 @@ def _processor(
     refine: int = 0,
     refine_range: int = REFINE_MAX_CHANGE,
     generic: Path | None = None,
+    upscale_only: bool = False,
 ) -> tuple[Processor, ModelInfo]:
     """The model on its device, run as :class:`carcli.runpolicy.RunPolicy` says (as the API).
 
-    ``generic``: load this generic upscaler (SR only) instead of the pair.
+    ``generic``: load this generic upscaler (SR only) instead of the pair;
+    ``upscale_only``: ``weights`` may be one too (it is refused for a downscale).
     """
     from carcli.checkpoints import load_generic, load_model, weights_files
     from carcli.engine import build_processor
@@ -281,8 +283,10 @@ def _processor(
         model = load_generic(generic, scale, dev)
         info = ModelInfo(scale, [generic], role="generic")
     else:
-        model, meta = load_model(weights, scale, dev)
-        info = ModelInfo(scale, weights_files(weights, scale, meta))
+        model, meta = load_model(weights, scale, dev, upscale_only=upscale_only)
+        info = ModelInfo(
+            scale, weights_files(weights, scale, meta), role="generic" if model.sr_only else "pair"
+        )
     return build_processor(model, policy, refine, refine_range), info
 
 
@@ -624,7 +628,9 @@ def upscale(
         for (s, made_by_car), members in groups.items():
             runs.setdefault((s, None if made_by_car else generic.get(s)), []).extend(members)
         loaded = {
-            key: _processor(weights, key[0], device, precision, tile, threads, generic=key[1])
+            key: _processor(
+                weights, key[0], device, precision, tile, threads, generic=key[1], upscale_only=True
+            )
             for key in runs
         }
         processors, outcomes = list(loaded.values()), []

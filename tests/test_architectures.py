@@ -256,10 +256,120 @@ def test_generic_mode_trains_on_bicubic_lr_and_says_so(train_dir: Path, tmp_path
     for key, value in trainer.model.resampler.state_dict().items():
         torch.testing.assert_close(value, frozen[key])
     trainer.export(tmp_path / "g.safetensors")
-    _, meta = load_model(tmp_path / "g.safetensors", 2)
+    _, meta = load_model(tmp_path / "g.safetensors", 2, upscale_only=True)
     assert meta["role"] == "generic-sr"
     from carcli.checkpoints import load_generic
 
     assert load_generic(tmp_path / "g.safetensors", 2).config.sr == trainer.model.config.sr
     report = evaluate_on_bicubic(trainer.model.eval(), train_dir, torch.device("cpu"))
     assert 5 < report["psnr"] < 60 and 0 < report["ssim"] <= 1
+
+
+# --------------------------------------------------------------------------- generic files
+
+
+def _generic_file(path: Path, scale: int = 2, with_resampler: bool = False) -> CARModel:
+    """A generic upscaler file; ``with_resampler``: as files written before SR-only ones."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(SEED + scale)
+    model = randomised(CARModel(tiny_rep(scale)), SEED).eval()
+    save_checkpoint(model, path, {"role": "generic-sr"})
+    if with_resampler:  # rewrite it with the untrained resampler's tensors added
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        for key, value in model.resampler.state_dict().items():
+            tensors[f"resampler.{key}"] = value.contiguous()
+        save_file(tensors, str(path), metadata=meta)
+    return model
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_generic_file_holds_the_sr_network_only_and_upscales_the_same(
+    tmp_path: Path, legacy: bool
+) -> None:
+    from safetensors import safe_open
+
+    print(f"seed {SEED}")
+    path = tmp_path / "car_generic_x2.safetensors"
+    model = _generic_file(path, with_resampler=legacy)
+    with safe_open(str(path), framework="pt") as handle:
+        prefixes = {k.split(".")[0] for k in handle.keys()}  # noqa: SIM118
+    assert prefixes == ({"sr", "resampler"} if legacy else {"sr"})
+    loaded, meta = load_model(path, 2, upscale_only=True)
+    assert loaded.sr_only and meta["role"] == "generic-sr"
+    lr = torch.rand(1, 3, 13, 17, generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.upscale(lr), model.upscale(lr), rtol=0, atol=0)
+    # Written again (car average, car export), it stays an SR-only file.
+    save_checkpoint(loaded, tmp_path / "again.safetensors", {})
+    with safe_open(str(tmp_path / "again.safetensors"), framework="pt") as handle:
+        assert {k.split(".")[0] for k in handle.keys()} == {"sr"}  # noqa: SIM118
+        assert json.loads(handle.metadata()["role"]) == "generic-sr"
+
+
+def test_a_generic_upscaler_never_downscales(tmp_path: Path) -> None:
+    import carcli
+    from carcli.checkpoints import WeightsError
+
+    path = tmp_path / "car_generic_x2.safetensors"
+    _generic_file(path)
+    with pytest.raises(
+        WeightsError, match="is a generic upscaler .* cannot downscale|not downscale"
+    ):
+        load_model(path, 2)
+    picture = np.random.default_rng(SEED).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    with pytest.raises(WeightsError, match="not downscale"):
+        carcli.downscale(picture, scale=2, weights=path)
+    with pytest.raises(WeightsError, match="not downscale"):
+        carcli.roundtrip(picture, scale=2, weights=path)
+    assert carcli.upscale(picture, scale=2, weights=path).shape == (48, 40, 3)
+    # A pair cannot start from it; another generic upscaler can.
+    with pytest.raises(WeightsError, match="not downscale"):
+        Trainer(
+            TrainConfig(data=[str(tmp_path)], val=[], scale=2, init=str(path), steps=1),
+            tmp_path / "run",
+            torch.device("cpu"),
+            quiet=True,
+        )
+
+
+def test_car_commands_use_a_generic_file_for_upscaling_only(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from carcli.cli import app
+
+    path = tmp_path / "car_generic_x2.safetensors"
+    _generic_file(path)
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.full((24, 20, 3), 90, np.uint8)).save(src / "a.png")
+    runner = CliRunner()
+    down = runner.invoke(
+        app, ["downscale", str(src), str(tmp_path / "lr"), "-s", "2", "-w", str(path)]
+    )
+    assert down.exit_code != 0
+    lines = [x for x in down.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "generic upscaler" in lines[0] and "Traceback" not in down.output
+    assert not (tmp_path / "lr").exists()
+    up = runner.invoke(
+        app,
+        [
+            "upscale",
+            str(src),
+            str(tmp_path / "up"),
+            "-s",
+            "2",
+            "-w",
+            str(path),
+            "-q",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
+    assert up.exit_code == 0, up.output
+    assert Image.open(tmp_path / "up" / "a.png").size == (40, 48)
+    assert json.loads((tmp_path / "r.json").read_text())["models"][0]["role"] == "generic"

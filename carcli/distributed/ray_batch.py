@@ -308,7 +308,7 @@ def build_processor(spec: JobSpec) -> tuple[Processor, list[str]]:
     threads: int | str = spec.threads or (1 if device.type == "cpu" else "auto")
     policy = RunPolicy(device, spec.precision, spec.tile, threads)
     weights = Path(spec.weights) if spec.weights else None
-    model, meta = load_model(weights, spec.scale, device)
+    model, meta = load_model(weights, spec.scale, device, upscale_only=spec.action == "upscale")
     processor = local_processor(model, policy, spec.refine, spec.refine_range)
     if spec.action == "roundtrip" and spec.tile is not None:  # HR pixels, as `car roundtrip`
         processor.down_tile = max(1, spec.tile // processor.scale)

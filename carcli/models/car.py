@@ -54,6 +54,8 @@ class CARModel(nn.Module):
         self.scale = config.scale
         self.resampler = ResamplerNet(config)
         self.sr: SRNetwork = build_sr(config)
+        # True for a generic upscaler loaded from its file: the resampler is untrained.
+        self.sr_only = False
 
     def downscale_margin(self) -> int:
         """HR pixels of context a downscale tile needs on each side: a multiple of 8.

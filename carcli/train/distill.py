@@ -57,6 +57,8 @@ class DistillCache:
     weights), so runs that share a resampler and a teacher share the cache.
     """
 
+    label = "teacher targets"
+
     def __init__(
         self, folder: Path, student: CARModel, teacher: CARModel, device: torch.device
     ) -> None:
@@ -100,6 +102,8 @@ class BicubicCache:
     a resampler's; computed on the whole image so crops carry no border effects.
     """
 
+    label = "bicubic LR images"
+
     def __init__(self, scale: int) -> None:
         self.scale = scale
 
@@ -142,13 +146,15 @@ class DistillSampler:
             raise ValueError(f"patch {self.patch} is not a multiple of the scale {scale}")
         self.entries: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         paths = base.kept
+        live = not quiet and sys.stderr.isatty()  # a log file gets one line, not one per image
         for i, (path, img) in enumerate(zip(paths, base.images, strict=True)):
-            if not quiet:
-                note = f"\rteacher targets: {i + 1}/{len(paths)} {path.name}"
-                print(note, end="", file=sys.stderr)
+            if live:
+                print(f"\r{cache.label}: {i + 1}/{len(paths)} {path.name}", end="", file=sys.stderr)
             self.entries.append(cache.entry(path, img))
-        if not quiet:
+        if live:
             print(file=sys.stderr)
+        elif not quiet:
+            print(f"{cache.label}: {len(paths)} images ready", file=sys.stderr)
 
     @property
     def images(self) -> list[torch.Tensor]:

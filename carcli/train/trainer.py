@@ -250,7 +250,9 @@ class Trainer:
         if cfg.init:
             from carcli.checkpoints import load_model
 
-            self.model, _ = load_model(Path(cfg.init), cfg.scale, device="cpu")
+            # A generic upscaler can start another one, never a pair (it has no resampler).
+            generic = cfg.lr_source == "bicubic"
+            self.model, _ = load_model(Path(cfg.init), cfg.scale, "cpu", upscale_only=generic)
             self._grow_to_preset(cfg.config)
             if cfg.reset_heads:
                 self.model.resampler.reset_heads()
