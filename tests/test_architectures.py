@@ -304,6 +304,10 @@ def test_generic_file_holds_the_sr_network_only_and_upscales_the_same(
     lr = torch.rand(1, 3, 13, 17, generator=torch.Generator().manual_seed(SEED))
     with torch.no_grad():
         torch.testing.assert_close(loaded.upscale(lr), model.upscale(lr), rtol=0, atol=0)
+    from carcli.train.export import cpu_timing
+
+    timing = cpu_timing(loaded, threads=1, repeats=1)  # its upscale alone: no resampler
+    assert set(timing["fp32"]) == {"upscale_s"} and timing["fp32"]["upscale_s"] > 0
     # Written again (car average, car export), it stays an SR-only file.
     save_checkpoint(loaded, tmp_path / "again.safetensors", {})
     with safe_open(str(tmp_path / "again.safetensors"), framework="pt") as handle:
