@@ -212,12 +212,22 @@ def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- carcli format
 
 
-def save_checkpoint(model: CARModel, path: Path, metadata: dict | None = None) -> None:
+# Storage types a checkpoint may use; weights are always computed in float32 after loading.
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def save_checkpoint(
+    model: CARModel, path: Path, metadata: dict | None = None, storage: str = "fp32"
+) -> None:
     """Write both networks and their config to one safetensors file, atomically.
 
     Atomic (temp file + ``os.replace``) so an interrupted save never leaves a
-    truncated file where ``car`` would look for weights.
+    truncated file where ``car`` would look for weights. ``storage`` fp16 halves the
+    file (every shipped file stays in the repository's history); loading casts back.
     """
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGE_DTYPES)}, got {storage!r}")
+    dtype = STORAGE_DTYPES[storage]
     path = Path(path)
     if path.exists() and not path.is_file():  # os.replace would swap out a device or FIFO
         raise WeightsError(f"{path}: exists and is not a regular file; not replaced")
@@ -239,7 +249,11 @@ def save_checkpoint(model: CARModel, path: Path, metadata: dict | None = None) -
     parts = (("sr", model.sr),) if sr_only else (("resampler", model.resampler), ("sr", model.sr))
     for prefix, net in parts:
         for key, tensor in net.state_dict().items():
-            tensors[f"{prefix}.{key}"] = tensor.detach().to("cpu", torch.float32).contiguous()
+            tensor = tensor.detach().to("cpu", torch.float32)
+            stored = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            if not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(tensor).all()):
+                raise WeightsError(f"{prefix}.{key} does not fit in {storage}; store it as fp32")
+            tensors[f"{prefix}.{key}"] = stored.contiguous()
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

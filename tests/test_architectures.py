@@ -377,3 +377,40 @@ def test_car_commands_use_a_generic_file_for_upscaling_only(tmp_path: Path) -> N
     assert up.exit_code == 0, up.output
     assert Image.open(tmp_path / "up" / "a.png").size == (40, 48)
     assert json.loads((tmp_path / "r.json").read_text())["models"][0]["role"] == "generic"
+
+
+def test_half_storage_halves_the_file_and_loads_as_float32(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from carcli.checkpoints import WeightsError, load_checkpoint
+    from carcli.cli import app
+
+    print(f"seed {SEED}")
+    torch.manual_seed(SEED)
+    model = randomised(CARModel(tiny_rep(4)), SEED).eval()
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    save_checkpoint(model, full, {})
+    save_checkpoint(model, half, {}, storage="fp16")
+    with safe_open(str(half), framework="pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}  # noqa: SIM118
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = load_checkpoint(half)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    lr = torch.rand(1, 3, 9, 11, generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.upscale(lr), model.upscale(lr), rtol=0, atol=1e-2)
+    with torch.no_grad():  # a weight beyond float16's range: refused, nothing written
+        model.sr.head[0].conv3.weight[0, 0, 0, 0] = 1e6
+    with pytest.raises(WeightsError, match="does not fit in fp16"):
+        save_checkpoint(model, tmp_path / "big.safetensors", {}, storage="fp16")
+    assert not list(tmp_path.glob("*big*"))
+    # `car export --half` from a run folder
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(loaded, run / "best.safetensors", {})
+    out = tmp_path / "exported.safetensors"
+    result = CliRunner().invoke(app, ["export", str(run), str(out), "--half", "--no-timing"])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), framework="pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}  # noqa: SIM118

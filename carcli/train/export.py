@@ -122,6 +122,7 @@ def export_run(
     which: str = "best",
     timing: bool = True,
     evaluate: Evaluate | None = None,
+    storage: str = "fp32",
 ) -> dict:
     """Write ``output`` from the run's best validated weights or its latest (EMA) weights.
 
@@ -143,5 +144,5 @@ def export_run(
         metadata["cpu_timing"] = cpu_timing(model)
     elif (kept := inherited_timing(metadata.get("recipe") or {}, model)) is not None:
         metadata["cpu_timing"] = kept
-    save_checkpoint(model, output, metadata)
+    save_checkpoint(model, output, metadata, storage)
     return metadata
