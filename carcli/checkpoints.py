@@ -69,11 +69,15 @@ def generic_name(scale: int) -> str:
 
 def find_generic(weights: Path | None, scale: int) -> Path | None:
     """The generic upscaler beside the pair weights (``--weights``' folder, else the installed
-    weights folder), or None when there is none."""
+    weights folder), or None when there is none; ``--weights`` itself when it is one."""
     if weights is None:
         folder = weights_dir()
     else:
         weights = Path(weights).expanduser()
+        if weights.is_file():
+            with contextlib.suppress(WeightsError):  # a bad file is reported when it loads
+                if read_metadata(weights).get("role") == GENERIC_ROLE:
+                    return weights
         folder = weights if weights.is_dir() else weights.parent
     path = folder / generic_name(scale)
     return path if path.is_file() else None

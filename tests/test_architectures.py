@@ -369,12 +369,13 @@ def test_car_commands_use_a_generic_file_for_upscaling_only(tmp_path: Path) -> N
             "2",
             "-w",
             str(path),
-            "-q",
             "--json",
             str(tmp_path / "r.json"),
         ],
     )
     assert up.exit_code == 0, up.output
+    # The weights given are themselves the generic upscaler: said, not warned against.
+    assert f"using the generic upscaler {path} for them" in up.stderr
     assert Image.open(tmp_path / "up" / "a.png").size == (40, 48)
     assert json.loads((tmp_path / "r.json").read_text())["models"][0]["role"] == "generic"
 
