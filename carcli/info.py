@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from carcli import __version__
-from carcli.checkpoints import installed_weights, weights_dir
+from carcli.checkpoints import GENERIC_ROLE, installed_weights, weights_dir
 from carcli.models import CARConfig, CARModel
 from carcli.models.config import describe
 from carcli.ops.native import describe_backend
@@ -37,18 +37,21 @@ def devices() -> list[dict[str, str]]:
 
 def _parameters(meta: dict[str, Any]) -> dict[str, int] | None:
     """Parameter counts from the metadata, or by building the config on the meta device."""
-    if isinstance(meta.get("parameters"), dict):
-        return meta["parameters"]
-    try:
-        with torch.device("meta"):
-            return CARModel(CARConfig.from_dict(meta["config"])).parameter_counts()
-    except Exception:
-        return None
+    counts = meta.get("parameters")
+    if not isinstance(counts, dict):
+        try:
+            with torch.device("meta"):
+                counts = CARModel(CARConfig.from_dict(meta["config"])).parameter_counts()
+        except Exception:
+            return None
+    if meta.get("role") == GENERIC_ROLE:  # no resampler in the file (older ones counted it)
+        counts = {k: v for k, v in counts.items() if k != "resampler"}
+    return counts
 
 
-def _architecture(config: dict[str, Any]) -> str | None:
+def _architecture(config: dict[str, Any], sr_only: bool = False) -> str | None:
     try:
-        return describe(CARConfig.from_dict(config))
+        return describe(CARConfig.from_dict(config), sr_only)
     except Exception:
         return None
 
@@ -93,7 +96,7 @@ def gather() -> dict[str, Any]:
                 "bytes": entry.get("size"),
                 "sha256": entry.get("sha256"),
                 "config": config.get("name"),
-                "architecture": _architecture(config),
+                "architecture": _architecture(config, meta.get("role") == GENERIC_ROLE),
                 "parameters": (
                     ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items()) if params else None
                 ),

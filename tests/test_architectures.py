@@ -289,7 +289,7 @@ def _generic_file(path: Path, scale: int = 2, with_resampler: bool = False) -> C
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_generic_file_holds_the_sr_network_only_and_upscales_the_same(
-    tmp_path: Path, legacy: bool
+    tmp_path: Path, legacy: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from safetensors import safe_open
 
@@ -301,6 +301,13 @@ def test_generic_file_holds_the_sr_network_only_and_upscales_the_same(
     assert prefixes == ({"sr", "resampler"} if legacy else {"sr"})
     loaded, meta = load_model(path, 2, upscale_only=True)
     assert loaded.sr_only and meta["role"] == "generic-sr"
+    assert set(loaded.parameter_counts()) == {"sr"}
+    monkeypatch.setenv("CARCLI_WEIGHTS", str(tmp_path))
+    from carcli.info import gather
+
+    (listed,) = gather()["weights"]
+    assert listed["role"] == "generic" and listed["parameters"].startswith("sr ")
+    assert listed["architecture"] == "rep 3 convs x 8 (SR only: generic upscaler)"
     lr = torch.rand(1, 3, 13, 17, generator=torch.Generator().manual_seed(SEED))
     with torch.no_grad():
         torch.testing.assert_close(loaded.upscale(lr), model.upscale(lr), rtol=0, atol=0)

@@ -99,7 +99,8 @@ class CARModel(nn.Module):
         The mean-shift layers are constants stored as 1x1 convs (as in the authors'
         files), so they are not counted: the figures match the quoted ones (docs/results.md).
         """
-        return {name: _learned_parameters(getattr(self, name)) for name in ("resampler", "sr")}
+        names = ("sr",) if self.sr_only else ("resampler", "sr")
+        return {name: _learned_parameters(getattr(self, name)) for name in names}
 
 
 def _learned_parameters(module: nn.Module) -> int:

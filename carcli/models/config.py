@@ -171,13 +171,20 @@ SCALED_PRESETS: dict[str, tuple[ResamplerConfig, dict[int, SRConfig]]] = {
 }
 
 
-def describe(config: CARConfig) -> str:
-    """One line naming both networks and their sizes, for `car info` and logs."""
+def describe(config: CARConfig, sr_only: bool = False) -> str:
+    """One line naming both networks and their sizes, for `car info` and logs.
+
+    ``sr_only``: a generic upscaler, whose file holds no resampler.
+    """
     r, sr = config.resampler, config.sr
-    res = f"resampler {r.c1}/{r.c2}/{r.c4}/{r.c8} ({r.blocks} res. blocks)"
-    if sr.arch == "edsr":
-        return f"{res}; EDSR {sr.blocks} blocks x {sr.features}"
-    return f"{res}; {sr.arch} {sr.blocks} convs x {sr.features}"
+    net = (
+        f"EDSR {sr.blocks} blocks x {sr.features}"
+        if sr.arch == "edsr"
+        else f"{sr.arch} {sr.blocks} convs x {sr.features}"
+    )
+    if sr_only:
+        return f"{net} (SR only: generic upscaler)"
+    return f"resampler {r.c1}/{r.c2}/{r.c4}/{r.c8} ({r.blocks} res. blocks); {net}"
 
 
 def preset_names() -> list[str]:
