@@ -118,6 +118,54 @@ def test_fast_presets_are_cheaper_than_the_shipped_edsr() -> None:
         assert wide > 3 * fast.parameter_counts()["resampler"]
 
 
+def shared_head(scale: int) -> CARConfig:
+    tiny = preset("tiny", scale)
+    return replace(tiny, resampler=replace(tiny.resampler, head="shared"))
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_shared_head_resampler_tiles_exactly_and_starts_as_bicubic(scale: int) -> None:
+    print(f"seed {SEED}")
+    torch.manual_seed(SEED)
+    model = randomised(CARModel(shared_head(scale)), SEED + scale).eval()
+    hr = torch.rand(1, 3, 61, 45, generator=torch.Generator().manual_seed(SEED))
+    with torch.inference_mode():
+        whole = model.downscale(hr)
+        tiled = TiledModel(model).downscale(hr, tile=16 // scale)
+    # float32 summation order only: the paper's head layout differs by 3.6e-6 here too
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    # From its bicubic start it downscales as the paper's head layout does from its own.
+    torch.manual_seed(SEED)
+    shared = CARModel(shared_head(scale)).eval()
+    torch.manual_seed(SEED)
+    separate = CARModel(preset("tiny", scale)).eval()
+    shared.resampler.init_as_bicubic()
+    separate.resampler.init_as_bicubic()
+    with torch.inference_mode():
+        kernels, offsets_h, offsets_v = shared.resampler(hr[..., :56, :40])
+        assert float(offsets_h.abs().max()) < 0.05 and float(offsets_v.abs().max()) < 0.05
+        torch.testing.assert_close(shared.downscale(hr), separate.downscale(hr), rtol=0, atol=0.02)
+
+
+def test_shared_head_is_cheaper_and_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    for scale in (2, 4):
+        lite, fast = CARModel(preset("fast-lite", scale)), CARModel(preset("fast", scale))
+        lite_n, fast_n = (m.parameter_counts()["resampler"] for m in (lite, fast))
+        assert lite_n < 0.8 * fast_n  # 0.65 at 2x, 0.76 at 4x
+    model = randomised(CARModel(shared_head(2)), SEED).eval()
+    save_checkpoint(model, tmp_path / "lite.safetensors", {})
+    loaded, _ = load_model(tmp_path / "lite.safetensors", 2)
+    assert loaded.config.resampler.head == "shared"
+    assert "shared head" in describe(loaded.config)
+    x = torch.rand(1, 3, 24, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.downscale(x), model.downscale(x))
+    data = shared_head(2).to_dict()
+    data["resampler"]["head"] = "bogus"
+    with pytest.raises(ValueError, match="resampler.head must be one of"):
+        CARConfig.from_dict(data)
+
+
 # --------------------------------------------------------------------------- training
 
 

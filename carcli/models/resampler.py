@@ -86,6 +86,12 @@ class ResamplerNet(nn.Module):
         self.ds_4 = DownsampleBlock(r.c2, r.c4)
         self.res_4 = nn.Sequential(*[ResidualBlock(r.c4) for _ in range(r.blocks)])
         self.ds_8 = DownsampleBlock(r.c4, r.c8)
+        self.taps = taps
+        self.shared = r.head == "shared"
+        if self.shared:  # one trunk and head; the last conv makes kernels and both offsets
+            self.trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
+            self.head = _head(r.c8, 3 * taps, tanh=False)
+            return
         self.kernels_trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
         self.kernels_weight = _head(r.c8, taps, tanh=False)
         self.offsets_trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
@@ -100,6 +106,9 @@ class ResamplerNet(nn.Module):
         x = self.ds_4(x)
         x = x + self.res_4(x)
         x = self.ds_8(x)
+        if self.shared:
+            raw, offsets_h, offsets_v = self.head(self.trunk(x)).split(self.taps, dim=1)
+            return normalize_kernels(raw.float()), torch.tanh(offsets_h), torch.tanh(offsets_v)
         k = self.kernels_trunk(x)
         # The raw kernels reach the normalisation in float32, also under autocast: it
         # divides by a sum over k*k taps, which in bfloat16 keeps 8 significant bits and
@@ -132,7 +141,12 @@ class ResamplerNet(nn.Module):
     @torch.no_grad()
     def reset_heads(self) -> None:
         """Fresh kernel and offset heads, started as bicubic (to revive collapsed heads)."""
-        for head in (self.kernels_weight, self.offsets_h_generation, self.offsets_v_generation):
+        heads = (
+            (self.head,)
+            if self.shared
+            else (self.kernels_weight, self.offsets_h_generation, self.offsets_v_generation)
+        )
+        for head in heads:
             for layer in head:
                 if isinstance(layer, nn.Conv2d):
                     layer.reset_parameters()
@@ -141,11 +155,16 @@ class ResamplerNet(nn.Module):
     @torch.no_grad()
     def init_as_bicubic(self) -> None:
         """Start as a fixed antialiasing cubic kernel with zero offsets (LR close to bicubic)."""
-        k = int(round(self.kernels_weight[-1].out_channels ** 0.5))
+        k = int(round(self.taps**0.5))
         pos = (torch.arange(k, dtype=torch.float32) - k // 2) / self.scale
         w1 = cubic(pos).clamp_min(1e-6)
         w2 = torch.outer(w1, w1)
         w2 = w2 / w2.sum() * 0.5  # leave headroom under the clamp at 1
+        if self.shared:
+            last = self.head[-1]
+            last.weight.mul_(1e-3)
+            last.bias.copy_(torch.cat([w2.flatten(), torch.zeros(2 * k * k)]))
+            return
         for head, bias in (
             (self.kernels_weight[-1], w2.flatten()),
             (self.offsets_h_generation[-2], torch.zeros(k * k)),
