@@ -160,15 +160,16 @@ class ResamplerNet(nn.Module):
         w1 = cubic(pos).clamp_min(1e-6)
         w2 = torch.outer(w1, w1)
         w2 = w2 / w2.sum() * 0.5  # leave headroom under the clamp at 1
-        if self.shared:
-            last = self.head[-1]
-            last.weight.mul_(1e-3)
-            last.bias.copy_(torch.cat([w2.flatten(), torch.zeros(2 * k * k)]))
-            return
-        for head, bias in (
-            (self.kernels_weight[-1], w2.flatten()),
-            (self.offsets_h_generation[-2], torch.zeros(k * k)),
-            (self.offsets_v_generation[-2], torch.zeros(k * k)),
-        ):
+        zeros = torch.zeros(k * k)
+        last_convs = (
+            ((self.head[-1], torch.cat([w2.flatten(), zeros, zeros])),)
+            if self.shared
+            else (
+                (self.kernels_weight[-1], w2.flatten()),
+                (self.offsets_h_generation[-2], zeros),
+                (self.offsets_v_generation[-2], zeros),
+            )
+        )
+        for head, bias in last_convs:
             head.weight.mul_(1e-3)
             head.bias.copy_(bias)

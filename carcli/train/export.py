@@ -57,8 +57,8 @@ def cpu_timing(model: CARModel, threads: int | None = None, repeats: int = 2) ->
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 # A generic upscaler has no resampler: its LR is what the user already has.
-                lr = image[:, :: model.scale, :: model.scale] if model.sr_only else None
-                lr = processor.downscale(image) if lr is None else lr
+                s = model.scale
+                lr = image[:, ::s, ::s] if model.sr_only else processor.downscale(image)
                 t1 = time.perf_counter()
                 processor.upscale(lr, size=TIMING_SIZE)
                 t2 = time.perf_counter()
