@@ -294,6 +294,44 @@ def test_init_with_another_sr_architecture_keeps_the_resampler(
         torch.testing.assert_close(trainer.model.resampler.state_dict()[key], value)
 
 
+def test_init_sr_starts_the_student_from_a_generic_upscaler(
+    train_dir: Path, tmp_path: Path
+) -> None:
+    from carcli.errors import UsageError
+
+    print(f"seed {SEED}")
+    torch.manual_seed(SEED)
+    pair = randomised(CARModel(tiny_rep(2)), SEED + 7).eval()
+    save_checkpoint(pair, tmp_path / "pair.safetensors", {})
+    generic = _generic_file(tmp_path / "car_generic_x2.safetensors")
+    cfg = _cfg(
+        train_dir,
+        init=str(tmp_path / "pair.safetensors"),
+        init_sr=str(tmp_path / "car_generic_x2.safetensors"),
+        config="from-init",
+        steps=1,
+    )
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    # SR from the generic file, resampler from the pair: neither from the other.
+    for key, value in generic.sr.state_dict().items():
+        torch.testing.assert_close(trainer.model.sr.state_dict()[key], value, rtol=0, atol=0)
+    for key, value in pair.resampler.state_dict().items():
+        torch.testing.assert_close(trainer.model.resampler.state_dict()[key], value)
+    key = next(name for name, p in pair.sr.named_parameters() if p.requires_grad)
+    assert not torch.equal(trainer.model.sr.state_dict()[key], pair.sr.state_dict()[key])
+    # Another SR design is refused with one line naming both.
+    save_checkpoint(
+        CARModel(tiny_rep(2, blocks=2)).eval(),
+        tmp_path / "other.safetensors",
+        {"role": "generic-sr"},
+    )
+    bad = replace(cfg, init_sr=str(tmp_path / "other.safetensors"))
+    with pytest.raises(
+        UsageError, match=r"--init-sr: other.safetensors has a rep SR network \(2 x 8\)"
+    ):
+        Trainer(bad, tmp_path / "run2", torch.device("cpu"), quiet=True)
+
+
 def test_generic_mode_trains_on_bicubic_lr_and_says_so(train_dir: Path, tmp_path: Path) -> None:
     from carcli.train.distill import evaluate_on_bicubic
 

@@ -143,6 +143,13 @@ def train(
     init: Annotated[
         Path | None, typer.Option(help="Start from an inference checkpoint (.safetensors).")
     ] = None,
+    init_sr: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start the SR network from this checkpoint's (a generic upscaler, or another "
+            "pair with the same SR design); the resampler still comes from --init or the preset."
+        ),
+    ] = None,
     teacher: Annotated[
         Path | None,
         typer.Option(
@@ -316,6 +323,11 @@ def train(
         given["val"] = [str(v) for v in val]
     if init is not None:
         given["init"] = str(init.resolve())
+    if init_sr is not None:
+        if not init_sr.is_file():
+            raise typer.BadParameter(f"{init_sr}: no such file", param_hint="--init-sr")
+        given["init_sr"] = str(init_sr.resolve())
+        given["init_sr_sha256"] = file_digest(init_sr)
     if teacher is not None:
         if not teacher.is_file():
             raise typer.BadParameter(f"{teacher}: no such file", param_hint="--teacher")

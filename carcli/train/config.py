@@ -53,6 +53,8 @@ class TrainConfig:
     reset_heads: bool = False  # with init: fresh kernel/offset heads, started as bicubic
     init: str | None = None  # start from an inference checkpoint (absolute path)
     init_sha256: str | None = None  # of that file, so the record names it after it is replaced
+    init_sr: str | None = None  # SR weights from this checkpoint (a generic upscaler, say)
+    init_sr_sha256: str | None = None
     teacher: str | None = None  # a trained pair whose outputs are targets too (absolute path)
     teacher_sha256: str | None = None
     teacher_weight: float = 1.0  # weight of the loss against the teacher's output

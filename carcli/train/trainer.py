@@ -270,6 +270,8 @@ class Trainer:
             if not cfg.init and same:
                 self.model.resampler.load_state_dict(self.teacher.resampler.state_dict())
                 self._say("note: the student's resampler starts as the teacher's")
+        if cfg.init_sr:
+            self._load_sr(Path(cfg.init_sr))
         if cfg.freeze_resampler or cfg.lr_source == "bicubic":
             self.model.resampler.requires_grad_(False)
         self.model.to(device).train()
@@ -317,6 +319,22 @@ class Trainer:
         self.best_psnr = -math.inf
         self.history: list[dict] = []
         self.stop_requested = False
+
+    def _load_sr(self, path: Path) -> None:
+        """Start the SR network from another file's: a generic upscaler has learned natural
+        images on bicubic LR, a far better start for a student than random weights."""
+        from carcli.checkpoints import load_model
+
+        donor, _ = load_model(path, self.cfg.scale, "cpu", upscale_only=True)
+        have, want = donor.config.sr, self.model.config.sr
+        if have != want:
+            raise UsageError(
+                f"--init-sr: {path.name} has a {have.arch} SR network "
+                f"({have.blocks} x {have.features}), this run's is {want.arch} "
+                f"({want.blocks} x {want.features})",
+            )
+        self.model.sr.load_state_dict(donor.sr.state_dict())
+        self._say(f"note: the SR network starts from {path.name}'s")
 
     def _grow_to_preset(self, name: str) -> None:
         """With --init and a --config that only has more EDSR blocks: deepen the pair to it."""
