@@ -280,6 +280,44 @@ def test_distillation_targets_are_the_teachers_round_trip(
     assert target.shape == hr.shape
 
 
+def test_lr_weight_makes_the_teachers_lr_image_a_target(
+    train_dir: Path, teacher_file: Path, tmp_path: Path
+) -> None:
+    """--lr-weight: L1 between the student's float LR and the teacher's, into the resampler."""
+    from carcli.errors import ConfigError
+    from carcli.train.trainer import training_losses
+
+    print(f"seed {SEED}")
+    cfg = _cfg(
+        train_dir, teacher=str(teacher_file), teacher_weight=0.0, lr_weight=10.0,
+        offset_weight=0.0, tv_weight=0.0, steps=40,
+    )  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    trainer.model.resampler.init_as_bicubic()  # not the teacher's: a new resampler
+    hr = trainer.sampler.batch(2)
+    cpu = torch.device("cpu")
+    losses = training_losses(trainer.model, hr, cfg, cpu, teacher=trainer.teacher)
+    with torch.no_grad():
+        own = trainer.model.resample_padded(hr)
+        theirs = trainer.teacher.resample_padded(hr)
+    torch.testing.assert_close(losses["lr"], torch.nn.functional.l1_loss(own, theirs))
+    assert "teacher" not in losses  # teacher_weight 0: its SR network is not even run
+    torch.testing.assert_close(losses["total"], losses["l1"] + 10.0 * losses["lr"])
+    learned = [p for p in trainer.model.resampler.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(losses["lr"], learned)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    first = losses["lr"].item()
+    trainer.run()
+    after = training_losses(trainer.model, hr, cfg, cpu, teacher=trainer.teacher)["lr"].item()
+    assert after < 0.7 * first, (first, after)
+    # A student identical to its teacher has nothing to learn from it.
+    same = Trainer(replace(cfg, steps=1), tmp_path / "run2", cpu, quiet=True)
+    assert training_losses(same.model, hr, cfg, cpu, teacher=same.teacher)["lr"].item() == 0.0
+    for bad in (replace(cfg, teacher=None), replace(cfg, freeze_resampler=True)):
+        with pytest.raises(ConfigError, match="lr_weight|lr-weight"):
+            bad.check()
+
+
 def test_init_with_another_sr_architecture_keeps_the_resampler(
     train_dir: Path, tmp_path: Path
 ) -> None:

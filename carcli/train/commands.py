@@ -160,6 +160,13 @@ def train(
     teacher_weight: Annotated[
         float, typer.Option(help="Weight of the loss against the teacher's output.")
     ] = _D.teacher_weight,
+    lr_weight: Annotated[
+        float,
+        typer.Option(
+            help="With --teacher: weight of the L1 distance between the student's LR image "
+            "and the teacher's, a direct target for a new (cheaper) resampler. 0: off."
+        ),
+    ] = _D.lr_weight,
     freeze_resampler: Annotated[
         bool,
         typer.Option(
@@ -309,7 +316,8 @@ def train(
         "precision": precision, "channels_last": channels_last, "threads": threads,
         "val_every": val_every, "log_every": log_every,
         "checkpoint_minutes": checkpoint_minutes, "seed": seed,
-        "teacher_weight": teacher_weight, "freeze_resampler": freeze_resampler,
+        "teacher_weight": teacher_weight, "lr_weight": lr_weight,
+        "freeze_resampler": freeze_resampler,
         "lr_source": lr_source,
     }  # fmt: skip
     if resume:  # only what was given again: TrainConfig.resumed checks it against the run

@@ -58,6 +58,7 @@ class TrainConfig:
     teacher: str | None = None  # a trained pair whose outputs are targets too (absolute path)
     teacher_sha256: str | None = None
     teacher_weight: float = 1.0  # weight of the loss against the teacher's output
+    lr_weight: float = 0.0  # weight of the loss between the student's LR and the teacher's
     freeze_resampler: bool = False  # train the SR network alone (with a teacher: cached targets)
     cache_dir: str | None = None  # where teacher targets are cached (default: RUN/cache)
     lr_source: str = "resampler"  # "bicubic": train the SR network alone on bicubic LR (generic)
@@ -95,6 +96,12 @@ class TrainConfig:
             ("ema", 0 <= self.ema < 1, "must be at least 0 (off) and below 1"),
             ("sr_pretrain", self.sr_pretrain >= 0, "must be 0 or more"),
             ("teacher_weight", self.teacher_weight >= 0, "must be 0 or more"),
+            ("lr_weight", self.lr_weight >= 0, "must be 0 or more"),
+            (
+                "lr_weight",
+                self.lr_weight == 0 or (self.teacher is not None and not self.freeze_resampler),
+                "needs --teacher and a resampler that trains (not --freeze-resampler)",
+            ),
             ("lr_source", self.lr_source in LR_SOURCES, f"must be {' or '.join(LR_SOURCES)}"),
             ("precision", self.precision in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
             ("val_every", self.val_every >= 0, "must be 0 (never) or more"),

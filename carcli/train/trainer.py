@@ -21,7 +21,7 @@ from carcli.errors import UsageError, ValidationError, param
 from carcli.metrics import PEAK, rgb_to_y
 from carcli.models import CARModel, deepened, preset
 from carcli.models.precision import autocast
-from carcli.models.quantize import quantize_for_training
+from carcli.models.quantize import quantize, quantize_for_training
 from carcli.ops import resample
 from carcli.train import ddp
 from carcli.train.config import LOSSES, TrainConfig
@@ -162,15 +162,23 @@ def training_losses(
     if cfg.channels_last:
         lr_q = lr_q.contiguous(memory_format=torch.channels_last)
     sr = model.sr.forward_mixed(lr_q, cfg.precision)
-    target = None
+    target = teacher_lr = None
     if teacher is not None:
         with torch.no_grad():
-            target = teacher(hr).float().clamp(0.0, 1.0)
+            # Patches are multiples of 8 (at least 16): the teacher's downscale needs no pad.
+            teacher_lr = teacher.resample_padded(hr)
+            if cfg.teacher_weight > 0:
+                target = teacher.upscale(quantize(teacher_lr)).float().clamp(0.0, 1.0)
     losses = reconstruction_losses(sr, hr, cfg, target)
     total = losses["total"]
     if freeze_resampler:
         losses["total"] = total
         return losses
+    if teacher_lr is not None and cfg.lr_weight > 0:
+        # The LR image itself as a target: a dense signal for a new resampler, which the
+        # SR-output losses reach only through the SR network and the 8-bit rounding.
+        losses["lr"] = F.l1_loss(lr, teacher_lr)
+        total = total + cfg.lr_weight * losses["lr"]
     if cfg.offset_weight > 0:
         losses["offset"] = offset_loss(offsets_h, offsets_v)
         total = total + cfg.offset_weight * losses["offset"]
