@@ -35,8 +35,10 @@ from torch import nn
 from carcli.bundled import weights_path
 from carcli.defaults import SCALES
 from carcli.errors import NoWeightsInstalled, WeightsError, WeightsWriteError, param
+from carcli.formats import made_by_car, note_scale
 from carcli.models.car import CARModel
 from carcli.models.config import CARConfig, check_scale, preset
+from carcli.report import ModelInfo
 
 FORMAT = "carcli-car/1"
 ENV_VAR = "CARCLI_WEIGHTS"
@@ -81,6 +83,29 @@ def find_generic(weights: Path | None, scale: int) -> Path | None:
         folder = weights if weights.is_dir() else weights.parent
     path = folder / generic_name(scale)
     return path if path.is_file() else None
+
+
+def upscaler_for(
+    note: Mapping[str, str],
+    scale: int | None,
+    weights: Path | None,
+    found: dict[int, Path | None] | None = None,
+) -> tuple[int, Path | None]:
+    """(scale, generic upscaler or None for the pair) that upscales a file with this note.
+
+    The rule `car upscale` and `car batch upscale` share: the scale is ``scale`` when
+    given, else the one the note records, else 4; a file that `car downscale` did not
+    make goes to the generic upscaler when one is installed, because the pair's SR
+    network only understands its own resampler's images. ``found`` keeps one run's
+    :func:`find_generic` answers by scale, so a folder of photos costs one lookup.
+    """
+    s = note_scale(note, scale)
+    if made_by_car(note):
+        return s, None
+    found = {} if found is None else found
+    if s not in found:
+        found[s] = find_generic(weights, s)
+    return s, found[s]
 
 
 def load_generic(path: Path, scale: int, device: str | torch.device = "cpu") -> CARModel:
@@ -555,6 +580,26 @@ def load_model(
             f"upscale but not downscale; use a CAR pair such as {shipped_name(scale)}"
         )
     return model, meta
+
+
+def load_for_run(
+    weights: Path | None,
+    scale: int,
+    device: str | torch.device = "cpu",
+    generic: Path | None = None,
+    upscale_only: bool = False,
+) -> tuple[CARModel, ModelInfo]:
+    """A command's model and the report's entry for it (files read; pair or generic).
+
+    ``generic``: load this generic upscaler (SR only) instead of the pair; ``upscale_only``:
+    ``weights`` may be one too. The local commands and `car batch` actors load through
+    here, so their reports name the same files.
+    """
+    if generic is not None:
+        return load_generic(generic, scale, device), ModelInfo(scale, [generic], role="generic")
+    model, meta = load_model(weights, scale, device, upscale_only=upscale_only)
+    role = "generic" if model.sr_only else "pair"
+    return model, ModelInfo(scale, weights_files(weights, scale, meta), role=role)
 
 
 def _resolve_model(

@@ -272,21 +272,13 @@ def _processor(
     ``generic``: load this generic upscaler (SR only) instead of the pair;
     ``upscale_only``: ``weights`` may be one too (it is refused for a downscale).
     """
-    from carcli.checkpoints import load_generic, load_model, weights_files
+    from carcli.checkpoints import load_for_run
     from carcli.engine import build_processor
-    from carcli.report import ModelInfo
     from carcli.runpolicy import RunPolicy, resolve_device
 
     policy = RunPolicy(device, precision.value, tile, "auto" if threads is None else threads)
     dev = resolve_device(policy.device)
-    if generic is not None:
-        model = load_generic(generic, scale, dev)
-        info = ModelInfo(scale, [generic], role="generic")
-    else:
-        model, meta = load_model(weights, scale, dev, upscale_only=upscale_only)
-        info = ModelInfo(
-            scale, weights_files(weights, scale, meta), role="generic" if model.sr_only else "pair"
-        )
+    model, info = load_for_run(weights, scale, dev, generic, upscale_only)
     return build_processor(model, policy, refine, refine_range), info
 
 
@@ -612,21 +604,15 @@ def upscale(
             input, output, fmt, suffix, recursive, json_file
         )
         chosen = None if scale is None else int(scale.value)
-        groups, foreign = _upscale_groups(inputs, chosen)
-        from carcli.checkpoints import find_generic  # torch: only once the command is valid
-
-        generic = {s: find_generic(weights, s) for s in {s for s, _ in groups}}
+        runs, foreign = _upscale_groups(inputs, chosen, weights)
         if foreign:
-            _warn_foreign(len(foreign), len(inputs), generic, {s for s, _ in foreign})
+            _warn_foreign(foreign, len(inputs))
 
         from carcli.tasks import UpscaleTask
 
         # One model per (scale, generic file or None); all loaded before any image is
         # written, so a bad checkpoint stops the run before it half-happens.
         order = {rel.as_posix(): i for i, (_, rel) in enumerate(inputs)}
-        runs: dict[tuple[int, Path | None], list[tuple[Path, Path]]] = {}
-        for (s, made_by_car), members in groups.items():
-            runs.setdefault((s, None if made_by_car else generic.get(s)), []).extend(members)
         loaded = {
             key: _processor(
                 weights, key[0], device, precision, tile, threads, generic=key[1], upscale_only=True
@@ -635,7 +621,6 @@ def upscale(
         }
         processors, outcomes = list(loaded.values()), []
         for key, members in runs.items():
-            members.sort(key=lambda m: order[m[1].as_posix()])
             task = UpscaleTask(
                 loaded[key][0], out_dir, out_file, fmt_name, quality, overwrite, suffix=suffix
             )
@@ -646,38 +631,45 @@ def upscale(
 
 
 def _upscale_groups(
-    inputs: Sequence[tuple[Path, Path]], scale: int | None
-) -> tuple[dict[tuple[int, bool], list[tuple[Path, Path]]], list[tuple[int, Path]]]:
-    """Inputs by (scale, made by car downscale), and the (scale, file)s that were not.
+    inputs: Sequence[tuple[Path, Path]], scale: int | None, weights: Path | None
+) -> tuple[dict[tuple[int, Path | None], list[tuple[Path, Path]]], list[tuple[int, Path | None]]]:
+    """Inputs (in order) by the model that upscales them, and the model of each input that
+    `car downscale` did not make.
 
-    The scale is ``scale`` when given, else the one the file's carcli note
-    records, else 4. Read from the file's metadata only, before any model.
+    A model is (scale, generic upscaler or None for the pair), picked by
+    :func:`carcli.checkpoints.upscaler_for` from each file's note alone (no decoding).
     """
-    from carcli.formats import SCALE_KEY, SOURCE_SIZE_KEY, read_note
+    from carcli.checkpoints import upscaler_for
+    from carcli.formats import made_by_car, read_note
 
-    groups: dict[tuple[int, bool], list[tuple[Path, Path]]] = {}
-    foreign: list[tuple[int, Path]] = []
+    runs: dict[tuple[int, Path | None], list[tuple[Path, Path]]] = {}
+    foreign: list[tuple[int, Path | None]] = []
+    found: dict[int, Path | None] = {}
     for src, rel in inputs:
         note = read_note(src)
-        recorded = note.get(SCALE_KEY, "")
-        s = scale or (int(recorded) if recorded in ("2", "4") else 4)
-        made_by_car = SOURCE_SIZE_KEY in note
-        if not made_by_car:
-            foreign.append((s, rel))
-        groups.setdefault((s, made_by_car), []).append((src, rel))
-    return groups, foreign
+        key = upscaler_for(note, scale, weights, found)
+        if not made_by_car(note):
+            foreign.append(key)
+        runs.setdefault(key, []).append((src, rel))
+    return runs, foreign
 
 
-def _warn_foreign(count: int, total: int, generic: dict[int, Path | None], scales: set) -> None:
-    """One line for the run: these images were not made by `car downscale`."""
+def _warn_foreign(foreign: Sequence[tuple[int, Path | None]], total: int) -> None:
+    """One line for the run: these images were not made by `car downscale`.
+
+    ``foreign`` holds the model (scale, generic upscaler or None) of each such image.
+    """
+    count = len(foreign)
     which = "the input carries" if total == 1 else f"{count} of {total} images carry"
-    found = [str(generic[s]) for s in sorted(scales) if generic.get(s)]
+    scales = sorted({s for s, _ in foreign})
+    generic = dict(foreign)
+    found = [str(generic[s]) for s in scales if generic[s]]
     if found and len(found) == len(scales):
         action = f"using the generic upscaler {', '.join(found)} for them"
     else:
         action = (
             "results may be worse than bicubic (no generic upscaler "
-            f"{'/'.join(f'car_generic_x{s}.safetensors' for s in sorted(scales))} is installed "
+            f"{'/'.join(f'car_generic_x{s}.safetensors' for s in scales)} is installed "
             "next to the weights)"
         )
     stderr_console().print(

@@ -14,9 +14,10 @@ import re
 import struct
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from carcli.defaults import SCALES
 from carcli.errors import ImageReadError, ImageWriteError
 
 IMAGE_SUFFIXES = frozenset(
@@ -97,12 +98,22 @@ def parse_note_xmp(xmp: bytes | str) -> dict[str, str]:
     return {f"carcli:{key}": value for key, value in _NOTE_ATTR.findall(text)}
 
 
-def read_note(path: Path | str) -> dict[str, str]:
+def _open(source: Path | str | bytes) -> io.IOBase:
+    """A binary handle on a file, standard input (``-``) or bytes already fetched."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
+    return io.BytesIO(read_stdin()) if is_stdio(source) else open(source, "rb")  # noqa: SIM115
+
+
+def read_note(path: Path | str | bytes) -> dict[str, str]:
     """carcli's note of an image file without decoding it: PNG text chunks, or the XMP of a
-    WebP or JPEG that ``car downscale`` wrote ({} when there is none)."""
+    WebP or JPEG that ``car downscale`` wrote ({} when there is none).
+
+    ``path`` may be the file's bytes: ``car batch`` fetches a remote file once, for its note
+    and for decoding.
+    """
     try:
-        opened = io.BytesIO(read_stdin()) if is_stdio(path) else open(path, "rb")  # noqa: SIM115
-        with opened as handle:
+        with _open(path) as handle:
             head = handle.read(12)
             if head[:8] == _PNG_SIGNATURE:
                 text = read_png_text(path)
@@ -115,6 +126,18 @@ def read_note(path: Path | str) -> dict[str, str]:
     except (OSError, ImageReadError, struct.error):
         return {}
     return {}
+
+
+def made_by_car(note: Mapping[str, str]) -> bool:
+    """Whether a file's note says ``car downscale`` made it (its source size is recorded)."""
+    return SOURCE_SIZE_KEY in note
+
+
+def note_scale(note: Mapping[str, str], scale: int | None = None) -> int:
+    """The scale to upscale a file with this note at: ``scale`` when given, else the one
+    ``car downscale`` recorded, else 4 (the default of every command)."""
+    recorded = {str(s): s for s in SCALES}.get(note.get(SCALE_KEY, ""), 4)
+    return scale or recorded
 
 
 def _webp_note(handle: io.IOBase) -> dict[str, str]:
@@ -141,7 +164,7 @@ def _jpeg_note(handle: io.IOBase) -> dict[str, str]:
             return parse_note_xmp(payload[len(_XMP_JPEG_PREFIX) :])
 
 
-def read_png_text(path: Path | str, limit: int = 1 << 20) -> dict[str, str]:
+def read_png_text(path: Path | str | bytes, limit: int = 1 << 20) -> dict[str, str]:
     """The tEXt/zTXt chunks before a PNG's image data, without decoding it ({} if not a PNG).
 
     ``car upscale`` reads carcli's note (source size, scale) this way for every
@@ -149,8 +172,7 @@ def read_png_text(path: Path | str, limit: int = 1 << 20) -> dict[str, str]:
     """
     text: dict[str, str] = {}
     try:
-        opened = io.BytesIO(read_stdin()) if is_stdio(path) else open(path, "rb")  # noqa: SIM115
-        with opened as handle:
+        with _open(path) as handle:
             if handle.read(8) != _PNG_SIGNATURE:
                 return text
             read = 8

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import photo
 from PIL import Image
 from typer.testing import CliRunner
@@ -144,6 +146,148 @@ def test_actor_killed_mid_job(
     pids = {line.split()[0] for line in log.read_text().splitlines()}
     assert len(pids) >= 2
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+
+
+# --------------------------------------------------------------------------- upscale per file
+
+
+@pytest.fixture(scope="module")
+def with_generic(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Path:
+    """The tiny pairs and a tiny generic 4x upscaler next to them."""
+    from carcli.checkpoints import generic_name, save_checkpoint
+    from carcli.models import CARModel, preset
+
+    folder = tmp_path_factory.mktemp("weights_generic")
+    for pair in tiny_weights.iterdir():
+        shutil.copy(pair, folder / pair.name)
+    torch.manual_seed(104)
+    save_checkpoint(CARModel(preset("tiny", 4)), folder / generic_name(4), {"role": "generic-sr"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Path:
+    """noted.png: `car downscale -s 2` of a 53x41 photo (27x21); plain.png: a 20x16 photo."""
+    root = tmp_path_factory.mktemp("mixed")
+    source = tmp_path_factory.mktemp("mixed_src")
+    Image.fromarray(photo(41, 53, seed=30)).save(source / "noted.png")
+    code, out = _car("downscale", source, root, "-s", "2", "-w", tiny_weights, "-q")
+    assert code == 0, out
+    Image.fromarray(photo(16, 20, seed=31)).save(root / "plain.png")
+    return root
+
+
+def _warnings(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("warning:")]
+
+
+def _upscale_both(
+    source: Path, tmp_path: Path, weights: Path, *args: str, uri: bool = False
+) -> tuple[dict, dict, str, str]:
+    """`car upscale` and `car batch upscale` of ``source``: their reports and outputs."""
+    common = ["-w", weights, "--threads", "1", "-q", *args]
+    code, local_out = _car("upscale", source, tmp_path / "local", *common,
+                           "--json", tmp_path / "l.json")  # fmt: skip
+    assert code == 0, local_out
+    where = [source, tmp_path / "ray"]
+    if uri:  # pyarrow's filesystem: the actors read the notes, the driver cannot cheaply
+        where = [p.as_uri() for p in where]
+    code, ray_out = _car("batch", "upscale", *where, "--workers", "1", "--batch-size", "2",
+                         *common, "--json", tmp_path / "r.json")  # fmt: skip
+    assert code == 0, ray_out
+    assert _files(tmp_path / "local") == _files(tmp_path / "ray")  # the same bytes
+    reports = [json.loads((tmp_path / n).read_text()) for n in ("l.json", "r.json")]
+    assert check_report(reports[1]) == []
+    _close(*reports)  # models, scale, device, sizes: the same report
+    return reports[0], reports[1], local_out, ray_out
+
+
+def _sizes(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: Image.open(p).size for p in folder.glob("*.png")}
+
+
+def test_upscale_picks_scale_and_model_per_file(
+    ray_local: object, mixed: Path, tmp_path: Path, with_generic: Path
+) -> None:
+    """No --scale: the noted file at its 2x to its exact source size with the 2x pair, the
+    plain one at 4x with the generic upscaler, as `car upscale` does (and says)."""
+    _, report, local_out, ray_out = _upscale_both(mixed, tmp_path, with_generic)
+    assert _sizes(tmp_path / "ray") == {"noted.png": (53, 41), "plain.png": (80, 64)}
+    generic = with_generic / "car_generic_x4.safetensors"
+    models = [(m["role"], m["scale"], [f["path"] for f in m["files"]]) for m in report["models"]]
+    assert models == [
+        ("pair", 2, [str(with_generic / "car_x2.safetensors")]),
+        ("generic", 4, [str(generic)]),
+    ]
+    assert report["scale"] is None  # two scales ran
+    said = (
+        "warning: 1 of 2 images carry no carcli note (not made by `car downscale`): the CAR "
+        f"upscaler is trained on its own downscaled images; using the generic upscaler {generic} "
+        "for them"
+    )
+    assert _warnings(ray_out) == _warnings(local_out) == [said]
+
+
+def test_upscale_explicit_scale_overrides_the_note(
+    ray_local: object, mixed: Path, tmp_path: Path, with_generic: Path
+) -> None:
+    _, report, local_out, ray_out = _upscale_both(mixed, tmp_path, with_generic, "-s", "4")
+    assert _sizes(tmp_path / "ray") == {"noted.png": (108, 84), "plain.png": (80, 64)}
+    assert [(m["role"], m["scale"]) for m in report["models"]] == [("pair", 4), ("generic", 4)]
+    assert report["scale"] == 4
+    assert "noted.png: was downscaled at 2x, upscaling at 4x" in ray_out
+
+
+def test_upscale_without_a_generic_upscaler_uses_the_pair_and_says_so(
+    ray_local: object, mixed: Path, tmp_path: Path, tiny_weights: Path
+) -> None:
+    """Only pairs next to the weights; inputs as file:// URIs, so the actors read the notes."""
+    assert not list(tiny_weights.glob("car_generic_*"))
+    _, report, local_out, ray_out = _upscale_both(mixed, tmp_path, tiny_weights, uri=True)
+    assert _sizes(tmp_path / "ray") == {"noted.png": (53, 41), "plain.png": (80, 64)}
+    assert [(m["role"], m["scale"]) for m in report["models"]] == [("pair", 2), ("pair", 4)]
+    said = (
+        "warning: 1 of 2 images carry no carcli note (not made by `car downscale`): the CAR "
+        "upscaler is trained on its own downscaled images; results may be worse than bicubic "
+        "(no generic upscaler car_generic_x4.safetensors is installed next to the weights)"
+    )
+    assert _warnings(ray_out) == _warnings(local_out) == [said]
+
+
+def test_upscale_actor_loads_only_the_models_its_files_need(
+    mixed: Path, tmp_path: Path, with_generic: Path
+) -> None:
+    """An actor (called in this process, without Ray) loads a model the first time a file
+    needs it, keeps it, and runs each model's files apart."""
+    from carcli.distributed.ray_batch import JobSpec, _worker_class
+
+    spec = JobSpec("upscale", str(mixed), str(tmp_path), scale=None, weights=str(with_generic),
+                   threads=1)  # fmt: skip
+    worker = _worker_class(spec)()
+    assert worker.models == {}
+
+    def call(*names: str) -> list[dict]:
+        batch = {
+            "index": list(range(len(names))),
+            "src": [str(mixed / n) for n in names],
+            "rel": list(names),
+            "outputs": [json.dumps({"image": str(tmp_path / n)}) for n in names],
+        }
+        rows = worker(batch)
+        assert rows["status"] == ["ok"] * len(names), rows["error"]
+        return [json.loads(extra) for extra in rows["extra"]]
+
+    extra = call("noted.png", "noted.png")
+    assert list(worker.models) == [(2, None)]  # only the 2x pair
+    assert extra[0]["model"]["role"] == "pair" and extra[0]["foreign"] is None
+    generic = with_generic / "car_generic_x4.safetensors"
+    extra = call("plain.png", "noted.png")
+    assert list(worker.models) == [(2, None), (4, generic)]
+    assert [(e["model"]["role"], e["model"]["scale"]) for e in extra] == [
+        ("generic", 4),
+        ("pair", 2),
+    ]
+    assert extra[0]["foreign"] == [4, str(generic)]
 
 
 class _Quiet:

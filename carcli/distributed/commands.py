@@ -29,13 +29,14 @@ from carcli.cli import (
     RefineOpt,
     RefineRangeOpt,
     Scale,
-    ScaleOpt,
     SuffixOpt,
     TileOpt,
     WeightsOpt,
     _check_suffix,
     _exit,
+    _upscale_groups,
     _user_errors,
+    _warn_foreign,
     _write_json,
 )
 from carcli.defaults import REFINE_MAX_CHANGE
@@ -83,7 +84,7 @@ def batch(
         typer.Option(
             "--workers",
             min=1,
-            help="Actors, each holding one model. Default: one per GPU in the cluster, else "
+            help="Actors, each loading its models once. Default: one per GPU in the cluster, else "
             "one per --threads CPUs.",
             show_default=False,
         ),
@@ -91,7 +92,18 @@ def batch(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Files per actor call (the retry unit).")
     ] = 8,
-    scale: ScaleOpt = Scale.x4,
+    scale: Annotated[
+        Scale | None,
+        typer.Option(
+            "--scale",
+            "-s",
+            help=(
+                "Scale factor. Default: 4; upscale: the one `car downscale` recorded in each "
+                "PNG (carcli:scale), else 4."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     recursive: RecursiveOpt = False,
@@ -132,13 +144,15 @@ def batch(
     """Run downscale, upscale or roundtrip on a Ray cluster (needs Ray: the ray extra).
 
     Same outputs and reports as the local commands, file for file; a pool of
-    actors loads the model once each (one GPU each when the cluster has GPUs).
-    A failed job resumes when run again: finished outputs are skipped.
+    actors loads each model once (one GPU each when the cluster has GPUs). upscale
+    picks the scale and model per file as `car upscale` does: the generic upscaler
+    for images without a carcli note, when installed. A failed job resumes when
+    run again: finished outputs are skipped.
     """
     import time
 
     from carcli.console import ConsoleReporter, roundtrip_table, stdout_console
-    from carcli.distributed.ray_batch import Engine, require_ray, run_on_ray
+    from carcli.distributed.ray_batch import Engine, is_uri, require_ray, run_on_ray
     from carcli.errors import UsageError
     from carcli.evaluation import roundtrip_report
     from carcli.formats import FORMATS
@@ -152,13 +166,20 @@ def batch(
             raise UsageError(LOSSY_REFUSED.format(fmt=spec.fmt.upper()))
         if compare and (spec.action != "roundtrip" or output is None):
             raise UsageError("--compare is for roundtrip with an OUTPUT folder")
-        spec.scale, spec.weights, spec.device = int(scale.value), weights and str(weights), device
+        default = None if spec.action == "upscale" else 4  # upscale: each file's note, else 4
+        spec.scale = int(scale.value) if scale is not None else default
+        spec.weights, spec.device = weights and str(weights), device
         spec.precision, spec.tile, spec.threads = precision.value, tile, threads
         spec.refine, spec.refine_range, spec.quality = refine, refine_range, quality
         spec.compare, spec.overwrite, spec.suffix = compare, overwrite, suffix
+        local_notes = spec.action == "upscale" and not is_uri(input)
+        if local_notes:  # read here as `car upscale` does; remote notes: the actors tell
+            _warn_foreign_local(spec, weights, recursive)
         engine = Engine()
         reporter = ConsoleReporter(quiet=quiet)
         outcomes = run_on_ray(spec, reporter, recursive, address, workers, batch_size, engine)
+    if spec.action == "upscale" and not local_notes and engine.foreign:
+        _warn_foreign(engine.foreign, engine.images)
     extra: dict = {}
     means: dict = {}
     if spec.action == "roundtrip":
@@ -173,18 +194,32 @@ def batch(
     _exit(outcomes, _write_json(json_file, report))
 
 
-def _report(spec, input: str, output: str | None, engine, outcomes, seconds: float, extra: dict):  # noqa: ANN001, ANN202
-    """The local commands' ``--json`` report (carcli-report/1), with the actors' engine."""
-    from carcli.report import ModelInfo, RunInfo, build_report
+def _warn_foreign_local(spec, weights: Path | None, recursive: bool) -> None:  # noqa: ANN001
+    """`car upscale`'s warning for local inputs without a carcli note, before the job."""
+    from carcli.distributed.ray_batch import Store
 
+    inputs = Store(spec.source).list_images(recursive)
+    _, foreign = _upscale_groups(inputs, spec.scale, weights)
+    if foreign:
+        _warn_foreign(foreign, len(inputs))
+
+
+def _report(spec, input: str, output: str | None, engine, outcomes, seconds: float, extra: dict):  # noqa: ANN001, ANN202
+    """The local commands' ``--json`` report (carcli-report/1), with the actors' engine.
+
+    ``scale`` is the models' one scale (None when an upscale ran several), as locally.
+    """
+    from carcli.report import RunInfo, build_report
+
+    scales = {info.scale for info in engine.models} or {spec.scale}
     run = RunInfo(
         command=spec.action,
         input=input,
         output=output,
         device=engine.device,
         precision=engine.precision,
-        models=[ModelInfo(spec.scale, [Path(p) for p in engine.weights])] if engine.weights else [],
-        scale=spec.scale,
+        models=list(engine.models),
+        scale=scales.pop() if len(scales) == 1 else None,
         seconds=seconds,
     )
     return build_report(run, outcomes, extra)

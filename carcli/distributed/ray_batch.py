@@ -5,11 +5,15 @@ The driver lists the inputs (a local folder or any URI pyarrow reads: ``s3://``,
 commands do (:func:`carcli.batch.make_items`: name clashes and outputs that
 are inputs fail up front; finished outputs are skipped unless ``--overwrite``)
 and hands the rest to Ray Data: ``from_items(...).map_batches(_Worker, ...)``
-with a pool of actors, each holding one model (one GPU per actor when the
-cluster has GPUs, else ``threads`` CPU threads). Inside an actor a batch of
-files goes through the same :func:`carcli.batch.run_batch` as on one
-machine (decode ahead and encode behind the networks in background threads,
-atomic writes, one error per bad file), so the results are the same bytes.
+with a pool of actors (one GPU per actor when the cluster has GPUs, else
+``threads`` CPU threads). Inside an actor a batch of files goes through the
+same :func:`carcli.batch.run_batch` as on one machine (decode ahead and encode
+behind the networks in background threads, atomic writes, one error per bad
+file), so the results are the same bytes. An actor holds the command's model;
+for ``upscale`` it picks one per file from the file's carcli note as ``car
+upscale`` does (:func:`carcli.checkpoints.upscaler_for`: the scale, and the
+generic upscaler for files ``car downscale`` did not make), loads each the
+first time a file needs it, and runs each model's files as their own batch.
 
 Ray retries a batch whose actor died (a node lost, an out-of-memory kill) on a
 restarted actor. Outputs that the lost attempt already finished are recomputed
@@ -42,8 +46,10 @@ from carcli.batch import (
     summarize,
 )
 from carcli.engine import Processor
-from carcli.errors import UsageError
+from carcli.errors import CarError, UsageError
+from carcli.formats import made_by_car, read_note
 from carcli.imageio import decode_image, is_image_path
+from carcli.report import ModelInfo
 from carcli.tasks import DownscaleTask, RoundtripTask, UpscaleTask
 
 INSTALL_HINT = "Ray is not installed: pip install 'carcli[ray]' (or pip install 'ray[data]')"
@@ -155,7 +161,7 @@ class JobSpec:
     action: str
     source: str  # local folder/file or URI
     output: str | None  # local folder/file or URI (roundtrip: optional)
-    scale: int = 4
+    scale: int | None = 4  # upscale: None picks each file's scale from its note, else 4
     weights: str | None = None
     device: str = "auto"
     precision: str = "auto"
@@ -224,22 +230,45 @@ class _Collector(NullReporter):
 
 
 class _ActorTask(Task):
-    """The command's task with the actor's storage and write-once rule around it."""
+    """The command's task with the actor's storage and write-once rule around it.
+
+    An upscale actor holds one task per model; :meth:`use` picks the one that the
+    next call of run_batch runs (its files all need that model).
+    """
 
     skip_done = False  # the driver skipped finished items when it planned the job
 
-    def __init__(self, inner: Task, spec: JobSpec) -> None:
-        super().__init__(inner.processor, inner.overwrite)
-        self.inner, self.spec = inner, spec
-        self.action, self.label = inner.action, inner.label
+    def __init__(self, spec: JobSpec) -> None:
+        planned = spec.task(None)
+        super().__init__(planned.processor, planned.overwrite)
+        self.inner, self.spec = planned, spec
+        self.action, self.label = planned.action, planned.label
         self.source = Store(spec.source)
         target = spec.out_file or spec.output
         self.target = Store(target) if target else None
         self.writes = 0
+        self.fetched: dict[str, bytes] = {}  # remote files read for their note, not yet loaded
+
+    def use(self, inner: Task) -> _ActorTask:
+        """Run the next items with ``inner``: the command's task on the model they need."""
+        self.inner, self.processor = inner, inner.processor
+        return self
+
+    def note(self, item: Item) -> dict[str, str]:
+        """The file's carcli note; a remote file is fetched once, for this and :meth:`load`."""
+        if not self.source.remote:
+            return read_note(item.src)
+        try:
+            data = self.source.read(str(item.src))
+        except Exception:  # pyarrow's errors; load reads it again and reports the failure
+            return {}
+        self.fetched[str(item.src)] = data
+        return read_note(data)
 
     def load(self, item: Item):  # noqa: ANN201
         if self.source.remote:
-            return decode_image(self.source.read(str(item.src)))
+            data = self.fetched.pop(str(item.src), None)
+            return decode_image(data if data is not None else self.source.read(str(item.src)))
         return self.inner.load(item)
 
     def batch_key(self, item: Item, picture: Any) -> Any:
@@ -297,9 +326,15 @@ class _ActorTask(Task):
             os._exit(1)  # as a killed process: no cleanup, no reply to the driver
 
 
-def build_processor(spec: JobSpec) -> tuple[Processor, list[str]]:
-    """The model on this actor's device, run as the local commands run it; its files."""
-    from carcli.checkpoints import load_model, weights_files
+def build_processor(
+    spec: JobSpec, scale: int, generic: Path | None = None
+) -> tuple[Processor, ModelInfo]:
+    """One of the job's models on this actor's device, run as the local commands run it.
+
+    ``generic``: the generic upscaler to load instead of the pair (see
+    :func:`carcli.checkpoints.load_for_run`); also the report's entry for the model.
+    """
+    from carcli.checkpoints import load_for_run
     from carcli.engine import build_processor as local_processor
     from carcli.runpolicy import RunPolicy, resolve_device
 
@@ -308,16 +343,23 @@ def build_processor(spec: JobSpec) -> tuple[Processor, list[str]]:
     threads: int | str = spec.threads or (1 if device.type == "cpu" else "auto")
     policy = RunPolicy(device, spec.precision, spec.tile, threads)
     weights = Path(spec.weights) if spec.weights else None
-    model, meta = load_model(weights, spec.scale, device, upscale_only=spec.action == "upscale")
+    upscale_only = spec.action == "upscale"
+    model, info = load_for_run(weights, scale, device, generic, upscale_only)
     processor = local_processor(model, policy, spec.refine, spec.refine_range)
     if spec.action == "roundtrip" and spec.tile is not None:  # HR pixels, as `car roundtrip`
         processor.down_tile = max(1, spec.tile // processor.scale)
-    return processor, [str(p) for p in weights_files(weights, spec.scale, meta)]
+    return processor, info
+
+
+ModelKey = tuple[int, Path | None]  # (scale, generic upscaler or None for the pair)
 
 
 class _Worker:
-    """One Ray actor: loads the model once, then runs batches of items through run_batch.
+    """One Ray actor: runs batches of items through run_batch, each on the model it needs.
 
+    downscale and roundtrip load their one model when the actor starts; upscale
+    loads a model the first time a file needs it (an actor that only sees 4x
+    files made by ``car downscale`` loads only the 4x pair) and keeps it.
     :func:`_worker_class` binds the job to a subclass, so the job travels with the
     class rather than as a constructor argument in the object store (which Ray
     warns may be gone when it restarts a lost actor).
@@ -326,13 +368,42 @@ class _Worker:
     SPEC: JobSpec
 
     def __init__(self) -> None:
-        processor, files = build_processor(self.SPEC)
-        self.task = _ActorTask(self.SPEC.task(processor), self.SPEC)
-        self.engine = {
-            "device": str(processor.device),
-            "precision": processor.precision,
-            "weights": files,
-        }
+        spec = self.SPEC
+        self.task = _ActorTask(spec)
+        self.weights = Path(spec.weights) if spec.weights else None
+        self.models: dict[ModelKey, tuple[Task, dict[str, Any]] | str] = {}
+        self.found: dict[int, Path | None] = {}  # find_generic's answers by scale
+        self.engine: dict[str, str] | None = None
+        if spec.action != "upscale":
+            assert spec.scale is not None
+            self.models[(spec.scale, None)] = self._load((spec.scale, None))
+
+    def _load(self, key: ModelKey) -> tuple[Task, dict[str, Any]]:
+        """The command's task on one model, and the model's entry for the report."""
+        processor, info = build_processor(self.SPEC, *key)
+        self.engine = {"device": str(processor.device), "precision": processor.precision}
+        model = {"role": info.role, "scale": info.scale, "files": [str(p) for p in info.files]}
+        return self.SPEC.task(processor), model
+
+    def _model(self, key: ModelKey) -> tuple[Task, dict[str, Any]] | str:
+        """The loaded model for ``key``, or why it cannot load (each file needing it fails)."""
+        if key not in self.models:
+            try:
+                self.models[key] = self._load(key)
+            except CarError as exc:
+                self.models[key] = str(exc)
+        return self.models[key]
+
+    def _key(self, item: Item) -> tuple[ModelKey, bool]:
+        """The model ``item`` needs, and whether it lacks a carcli note (for the warning)."""
+        spec = self.SPEC
+        if spec.action != "upscale":
+            assert spec.scale is not None
+            return (spec.scale, None), False
+        from carcli.checkpoints import upscaler_for
+
+        note = self.task.note(item)
+        return upscaler_for(note, spec.scale, self.weights, self.found), not made_by_car(note)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         items = [
@@ -340,15 +411,40 @@ class _Worker:
             for src, rel, out in zip(batch["src"], batch["rel"], batch["outputs"], strict=True)
         ]
         collector = _Collector()
-        outcomes = run_batch(self.task, items, collector)
+        groups: dict[ModelKey, list[int]] = {}
+        foreign: dict[int, ModelKey] = {}
+        try:
+            for i, item in enumerate(items):
+                key, lacks_note = self._key(item)
+                groups.setdefault(key, []).append(i)
+                if lacks_note:
+                    foreign[i] = key
+            outcomes: dict[int, Outcome] = {}
+            models: dict[int, dict[str, Any]] = {}  # the report entry of each file's model
+            for key, members in groups.items():
+                model = self._model(key)
+                group = [items[i] for i in members]
+                if isinstance(model, str):
+                    done = [Outcome(item, "failed", model) for item in group]
+                else:
+                    done = run_batch(self.task.use(model[0]), group, collector)
+                for i, outcome in zip(members, done, strict=True):
+                    outcomes[i] = outcome
+                    if not isinstance(model, str):
+                        models[i] = model[1]
+        finally:
+            self.task.fetched.clear()
         rows: dict[str, list] = {k: [] for k in ("index", "status", "error", "record", "extra")}
-        for i, (index, outcome) in enumerate(zip(batch["index"], outcomes, strict=True)):
+        for i, index in enumerate(batch["index"]):
+            outcome, key = outcomes[i], foreign.get(i)
             extra = {
                 "pixels": outcome.pixels,
                 "seconds": outcome.seconds,
                 "notes": collector.notes if i == 0 else [],
                 "warnings": collector.warnings.get(outcome.item.rel, []),
                 "engine": self.engine if i == 0 else None,
+                "model": models.get(i),
+                "foreign": None if key is None else [key[0], key[1] and str(key[1])],
             }
             rows["index"].append(int(index))
             rows["status"].append(outcome.status)
@@ -415,11 +511,15 @@ def plan(spec: JobSpec, recursive: bool) -> tuple[list[Item], set[int]]:
 
 @dataclass
 class Engine:
-    """What ran the job, as the actors report it (for the ``--json`` report)."""
+    """What ran the job, as the actors report it (for the ``--json`` report and warnings)."""
 
     device: str = "none"
     precision: str = "none"
-    weights: list[str] = field(default_factory=list)
+    # Every model that ran, in the order of the first input each one ran (as `car upscale`).
+    models: list[ModelInfo] = field(default_factory=list)
+    # The model (scale, generic upscaler or None) of each file without a carcli note.
+    foreign: list[tuple[int, Path | None]] = field(default_factory=list)
+    images: int = 0  # files the actors were given
 
 
 def run_on_ray(
@@ -433,7 +533,7 @@ def run_on_ray(
 ) -> list[Outcome]:
     """Run the job on the cluster; outcomes in input order, as :func:`run_batch` returns them.
 
-    ``engine`` is filled in with the device, precision and weights files the actors used.
+    ``engine`` is filled in with the device, precision and models the actors used.
     """
     ray = connect(address)
     start = time.perf_counter()
@@ -507,9 +607,11 @@ def _execute(
         compute=ActorPoolStrategy(size=count),
         **resources,
     )
+    first: dict[str, tuple[int, ModelInfo]] = {}  # each model's first input index
     for row in results.iter_rows():
         index = int(row["index"])
         item, extra = todo[index], json.loads(row["extra"])
+        engine.images += 1
         outcome = Outcome(
             item,
             str(row["status"]),
@@ -523,7 +625,12 @@ def _execute(
                 extra["engine"]["device"],
                 extra["engine"]["precision"],
             )
-            engine.weights = extra["engine"]["weights"]
+        if extra["model"]:
+            _add_model(first, index, extra["model"])
+            engine.models = [info for _, info in sorted(first.values(), key=lambda f: f[0])]
+        if extra["foreign"]:
+            scale, generic = extra["foreign"]
+            engine.foreign.append((int(scale), Path(generic) if generic else None))
         for message in extra["notes"]:
             reporter.note(message)
         for message in extra["warnings"]:
@@ -532,3 +639,11 @@ def _execute(
             reporter.error(item.rel, outcome.error or "failed")
         reporter.advance(outcome)
         yield outcome, index
+
+
+def _add_model(first: dict[str, tuple[int, ModelInfo]], index: int, model: dict) -> None:
+    """Note that input ``index`` ran on ``model`` (an actor's report entry)."""
+    key = json.dumps(model, sort_keys=True)
+    if key not in first or index < first[key][0]:
+        files = [Path(p) for p in model["files"]]
+        first[key] = (index, ModelInfo(int(model["scale"]), files, str(model["role"])))
