@@ -125,6 +125,24 @@ def test_roundtrip_equal_local(
     _close(report_l, report_r)
 
 
+@pytest.mark.parametrize("action", ["downscale", "roundtrip"])
+def test_unloadable_weights_fail_each_file_with_one_line(
+    ray_local: object, folder: Path, tmp_path: Path, action: str
+) -> None:
+    """A weights file the actors cannot load: one error line per file and exit 1, no traceback
+    (it used to kill the actor and print Ray's)."""
+    bad = tmp_path / "car_x4.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    code, out = _car(
+        "batch", action, folder, tmp_path / "out", "--weights", bad, "--threads", "1",
+        "--workers", "1", "-q",
+    )  # fmt: skip
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert code == 1 and "Traceback" not in out, out
+    assert len(errors) == 7 and all("car_x4.safetensors" in e for e in errors[:-1]), out
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 def test_actor_killed_mid_job(
     ray_local: object, folder: Path, tmp_path: Path, tiny_weights: Path
 ) -> None:

@@ -357,9 +357,10 @@ ModelKey = tuple[int, Path | None]  # (scale, generic upscaler or None for the p
 class _Worker:
     """One Ray actor: runs batches of items through run_batch, each on the model it needs.
 
-    downscale and roundtrip load their one model when the actor starts; upscale
-    loads a model the first time a file needs it (an actor that only sees 4x
-    files made by ``car downscale`` loads only the 4x pair) and keeps it.
+    A model is loaded the first time a file needs it (downscale and roundtrip have
+    one; an upscale actor that only sees 4x files made by ``car downscale`` loads
+    only the 4x pair) and kept; one that cannot load fails its files with one line
+    each, as a bad input does, instead of killing the actor.
     :func:`_worker_class` binds the job to a subclass, so the job travels with the
     class rather than as a constructor argument in the object store (which Ray
     warns may be gone when it restarts a lost actor).
@@ -374,9 +375,6 @@ class _Worker:
         self.models: dict[ModelKey, tuple[Task, dict[str, Any]] | str] = {}
         self.found: dict[int, Path | None] = {}  # find_generic's answers by scale
         self.engine: dict[str, str] | None = None
-        if spec.action != "upscale":
-            assert spec.scale is not None
-            self.models[(spec.scale, None)] = self._load((spec.scale, None))
 
     def _load(self, key: ModelKey) -> tuple[Task, dict[str, Any]]:
         """The command's task on one model, and the model's entry for the report."""
