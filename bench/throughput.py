@@ -7,6 +7,8 @@
     python bench/throughput.py --psnr ../shared/datasets/val/Set5 -s 4 --weights W  # fp32 vs bf16
     python bench/throughput.py FOLDER --against fast     # installed pair vs a v2 preset or file,
                                                           # side by side in one run
+    python bench/throughput.py FOLDER --against FILE --rounds 5 --pipelines roundtrip
+                                                          # 5 alternating rounds, median ratio
 
 For each scale it measures, on the same images in the same run:
 
@@ -334,6 +336,36 @@ def psnr_check(folder: Path, scale: int, args: argparse.Namespace) -> None:
         )
 
 
+def side_by_side(files: list[Path], folder: Path, args: argparse.Namespace) -> list[dict]:
+    """Both checkpoints on the same images in the same run, ``--rounds`` times in the order
+    ABBA..., then the ratio (second / first) of each pipeline: per round, median and range."""
+    first, second = args.weights, args.against
+    report: list[dict] = []
+    ratios: dict[tuple[int, str], list[float]] = {}
+    for round_ in range(args.rounds):
+        for scale in args.scale:
+            order = [first, second] if round_ % 2 == 0 else [second, first]
+            timed = {}
+            for weights in order:
+                args.weights = weights
+                timed[weights is second] = run_scale(scale, files, folder, args)
+            args.weights = first
+            a, b = timed[False], timed[True]
+            report += [a, b]
+            for name in a["pipelines"]:
+                ta, tb = a["pipelines"][name]["wall"], b["pipelines"][name]["wall"]
+                ratios.setdefault((scale, name), []).append(tb / ta)
+                print(
+                    f"  round {round_ + 1}, {scale}x car {name}: {a['weights']} {ta:.2f} s, "
+                    f"{b['weights']} {tb:.2f} s, ratio {tb / ta:.3f}"
+                )
+    print(f"\nside by side over {args.rounds} round(s) (ratio = second / first):")
+    for (scale, name), values in ratios.items():
+        spread = f" (range {min(values):.3f} to {max(values):.3f})" if len(values) > 1 else ""
+        print(f"  {scale}x car {name}: median ratio {statistics.median(values):.3f}{spread}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", nargs="?", type=Path, help="folder of images to time")
@@ -357,6 +389,13 @@ def main(argv: list[str] | None = None) -> None:
         help="a second checkpoint, or a preset name (random weights: speed only), timed after "
         "the first on the same images; prints the ratios",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --against: time both this many times, alternating which goes first, and "
+        "print the median ratio (a busy machine's drift cancels out)",
+    )
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--make-folder", type=Path, help="write --count synthetic photos here")
     parser.add_argument("--make-photo", type=Path, help="write one synthetic photo here")
@@ -364,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=parse_size, default=(1680, 1260), help="WxH")
     parser.add_argument("--psnr", type=Path, help="data set folder: PSNR per precision")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be 1 or more")
     policy_of(args).apply_threads(torch.device("cpu"))  # as car does
 
     if args.make_folder or args.make_photo:
@@ -390,22 +431,10 @@ def main(argv: list[str] | None = None) -> None:
         for f in files:
             (folder / f.name).symlink_to(f.resolve())
         files = find_images(folder)
-    report = [run_scale(scale, files, folder, args) for scale in args.scale]
-    if args.against is not None:
-        # The same images, the same run: the second checkpoint (or preset), then the ratios.
-        first = args.weights
-        args.weights = args.against
-        other = [run_scale(scale, files, folder, args) for scale in args.scale]
-        args.weights = first
-        print("\nside by side (seconds; ratio = second / first):")
-        for a, b in zip(report, other, strict=True):
-            for name in a["pipelines"]:
-                ta, tb = a["pipelines"][name]["wall"], b["pipelines"][name]["wall"]
-                print(
-                    f"  {a['scale']}x car {name}: {a['weights']} {ta:.2f} s, "
-                    f"{b['weights']} {tb:.2f} s, ratio {tb / ta:.3f}"
-                )
-        report = report + other
+    if args.against is None:
+        report = [run_scale(scale, files, folder, args) for scale in args.scale]
+    else:
+        report = side_by_side(files, folder, args)
     rss = peak_rss_bytes()
     print(f"\npeak resident memory: {rss / 2**30:.2f} GiB")
     if args.json:
