@@ -84,9 +84,14 @@ train_one() {
     fi
     local resume=()
     [ -f "$run/state.pt" ] && resume=(--resume)
+    # The student's SR network starts from the generic upscaler's (natural-image SR on
+    # bicubic LR), not from random weights.
+    local init_sr=()
+    [ -f "$WEIGHTS/car_generic_x$scale.safetensors" ] &&
+        init_sr=(--init-sr "$WEIGHTS/car_generic_x$scale.safetensors")
     log "train ${scale}x for ${BURST_STEPS:-${seconds} s}"
     car train --data "$CROPS" --val "$CROPS" --run "$run" --scale "$scale" --device "$DEVICE" \
-        --init "$WEIGHTS/car_x$scale.safetensors" --config fast \
+        --init "$WEIGHTS/car_x$scale.safetensors" --config fast "${init_sr[@]}" \
         --teacher "$WEIGHTS/car_x$scale.safetensors" --teacher-weight 1 \
         --batch "${BURST_BATCH:-64}" --patch 128 --lr 5e-4 --warmup 100 --luma-weight 1 \
         --offset-weight 0.0001 --val-every 0 --checkpoint-minutes 1 -q "${budget[@]}" "${resume[@]}" \

@@ -49,4 +49,6 @@ def test_gpu_burst_dry_run_on_the_cpu_writes_small_v2_checkpoints(tmp_path: Path
         assert path.stat().st_size < 16 * 2**20  # what the device tool brings back
         model, meta = load_model(path, scale)
         assert model.config.sr.arch == "rep" and meta["steps"] == 2
+        # the student's SR network started from the bundled generic upscaler's
+        assert Path(meta["recipe"]["init_sr"]).name == f"car_generic_x{scale}.safetensors"
     assert "done" in (out / "burst.log").read_text()
