@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,29 @@ def test_car_average_command(tmp_path: Path, seed: int):
     summary = json.loads(result.stdout)
     model, meta = load_checkpoint(out)
     assert summary["ingredients"] == 2 and model.scale == 2
-    assert meta["validation"]["val"]["psnr"] == summary["validation"]["val"]["psnr"] > 10
+    # The recorded validation is the averaged model's own round trip, as `car roundtrip`
+    # measures it in fp32 (to 1e-3 dB; for one seed they differed by 4e-5 dB). The
+    # weights are random, so the figure itself can be anything (it was 9.79 dB for one seed).
+    psnr = meta["validation"]["val"]["psnr"]
+    assert psnr == summary["validation"]["val"]["psnr"] and math.isfinite(psnr)
+    measured = invoke(
+        app,
+        [
+            "roundtrip",
+            str(val),
+            "-s",
+            "2",
+            "-w",
+            str(out),
+            "-q",
+            "--json",
+            "-",
+            "--precision",
+            "fp32",
+        ],
+    )
+    assert measured.exit_code == 0, measured.output
+    assert json.loads(measured.stdout)["psnr"] == pytest.approx(psnr, abs=1e-3)
     assert meta["source"] == "carcli average of 2 checkpoints"
 
     # An existing output is kept unless --overwrite; usage errors are one line and exit 2.
