@@ -422,14 +422,13 @@ class _Worker:
             for key, members in groups.items():
                 model = self._model(key)
                 group = [items[i] for i in members]
-                if isinstance(model, str):
+                if isinstance(model, str):  # it could not load: each of its files fails
                     done = [Outcome(item, "failed", model) for item in group]
                 else:
-                    done = run_batch(self.task.use(model[0]), group, collector)
-                for i, outcome in zip(members, done, strict=True):
-                    outcomes[i] = outcome
-                    if not isinstance(model, str):
-                        models[i] = model[1]
+                    task, entry = model
+                    done = run_batch(self.task.use(task), group, collector)
+                    models.update(dict.fromkeys(members, entry))
+                outcomes.update(zip(members, done, strict=True))
         finally:
             self.task.fetched.clear()
         rows: dict[str, list] = {k: [] for k in ("index", "status", "error", "record", "extra")}
