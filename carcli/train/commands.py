@@ -348,17 +348,23 @@ def train(
     with user_errors():
         # Under torchrun: join the ranks (one GPU each); rank 0 alone talks, validates, saves.
         ranks, dev = ddp.setup(resolve_device(device))
-        quiet = quiet or not ranks.main
-        cfg = config_for_run(run, resume, **given)  # before minutes of decoding images
-        _check_folders(run, cfg)
-        generic = cfg.lr_source == "bicubic"
-        evaluator = make_evaluator([Path(v) for v in cfg.val], dev, generic) if cfg.val else None
-        display = make_display(quiet)
-        trainer = Trainer(
-            cfg, run, dev, evaluate=evaluator, quiet=quiet, display=display, ranks=ranks
-        )
-        if resume:
-            trainer.load_state()
+        try:
+            quiet = quiet or not ranks.main
+            cfg = config_for_run(run, resume, **given)  # before minutes of decoding images
+            _check_folders(run, cfg)
+            generic = cfg.lr_source == "bicubic"
+            evaluator = (
+                make_evaluator([Path(v) for v in cfg.val], dev, generic) if cfg.val else None
+            )
+            display = make_display(quiet)
+            trainer = Trainer(
+                cfg, run, dev, evaluate=evaluator, quiet=quiet, display=display, ranks=ranks
+            )
+            if resume:
+                trainer.load_state()
+        except BaseException:
+            ddp.teardown()
+            raise
     # Ctrl-C, `kill` (SIGTERM) or a closed terminal (SIGHUP): finish the current step,
     # save the state, stop; the exit code says which (130, or 128 + the signal number).
     received: list[int] = []
@@ -376,6 +382,7 @@ def train(
         typer.echo(f"error: {exc.cli_message()}{saved}", err=True)
         raise typer.Exit(EXIT_FAILED) from None
     finally:
+        trainer.close()
         ddp.teardown()
     if trainer.stop_requested:
         signum = received[0] if received else signal.SIGINT

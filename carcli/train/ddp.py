@@ -22,6 +22,7 @@ The rules, in one place:
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,15 @@ def setup(device: torch.device) -> tuple[Ranks, torch.device]:
 
 
 def teardown() -> None:
+    """Leave the process group while the interpreter is still whole.
+
+    DDP's reducer holds the group and tensors that Python owns, and a trainer that wrapped
+    its step in DDP is a reference cycle. Left to the interpreter's last collection, their
+    C++ destructors run when no thread may take the GIL any more, and the rank aborts
+    ("terminate called without an active exception", once in CI). So collect them first;
+    callers drop their wrappers (:meth:`Trainer.close`) before this.
+    """
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -368,6 +368,10 @@ class Trainer:
         else:
             self._say(f"note: the init checkpoint uses config {have.name!r}, kept as it is")
 
+    def close(self) -> None:
+        """Drop the DDP wrapper (it holds the process group) before the ranks leave it."""
+        self.losses = self._batch_losses
+
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop after the current step (and save); safe from a signal handler."""
         self.stop_requested = True
