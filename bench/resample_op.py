@@ -1,12 +1,13 @@
-"""Time the native resampling op against the pure-PyTorch reference.
+"""Time the resampling op's backends: native, the pure-PyTorch op `car` runs, the reference.
 
     python bench/resample_op.py                  # CUDA: 2K and 4K images at 2x and 4x
     python bench/resample_op.py --device cpu     # the C++ CPU build, smaller images
 
 For each image size and scale it times the forward pass and forward+backward
-(gradients w.r.t. kernels and offsets, as in training) of the native op and of
-``resample_reference`` on the same device: CUDA events (or perf_counter on the
-CPU) after warm-up, median of ``--runs`` runs. Next to the native times it
+(gradients w.r.t. kernels and offsets, as in training) of the native op (where
+it builds; ``-`` otherwise), of ``resample_torch`` (the default pure-PyTorch op)
+and of ``resample_reference`` on the same device: CUDA events (or perf_counter
+on the CPU) after warm-up, median of ``--runs`` runs. Next to the native times it
 prints the bytes the op must move at least (inputs read once, outputs written
 once), the achieved bytes/s, and that as a fraction of the bandwidth of a
 device-to-device copy measured in the same run, so the distance to the
@@ -25,6 +26,7 @@ import torch
 
 from carcli.ops import native
 from carcli.ops.reference import resample_reference
+from carcli.ops.torch_fast import resample_torch
 
 CUDA_SIZES = {"2K": (1356, 2040), "4K": (2160, 3840)}  # (H, W) of the HR image
 CPU_SIZES = {"512px": (336, 512), "1K": (676, 1020)}  # smaller: the reference is slow
@@ -112,32 +114,39 @@ def native_fn(hr, kernels, offsets_h, offsets_v, scale):
 
 def bench_case(label, h_hr, w_hr, scale, device, dtype, time_ms, bandwidth, args, runs) -> None:
     inputs = make_inputs(h_hr, w_hr, scale, device, dtype)
+    ops = {"torch": resample_torch, "reference": resample_reference}
+    if args.native:
+        ops = {"native": native_fn, **ops}
     with torch.no_grad():
-        got = native_fn(*inputs, scale)
-        ref = resample_reference(*inputs, scale)
-        err = (got.float() - ref.float()).abs().max().item()
-    if err > (1e-4 if dtype == torch.float32 else 2e-2):
-        print(f"  warning: native and reference differ by {err:.3g}", file=sys.stderr)
-    grad_out = torch.randn_like(got)
+        ref = resample_reference(*inputs, scale).float()
+        for name, fn in ops.items():
+            err = (fn(*inputs, scale).float() - ref).abs().max().item()
+            if err > (1e-4 if dtype == torch.float32 else 2e-2):
+                print(f"  warning: {name} and reference differ by {err:.3g}", file=sys.stderr)
+    grad_out = torch.randn_like(ref).to(dtype)
     passes = [("forward", False)] if args.no_backward else [("forward", False), ("fwd+bwd", True)]
     for pass_name, with_backward in passes:
-        if with_backward:
-            run_native = fwd_bwd(lambda *a: native_fn(*a, scale), inputs, grad_out)
-            run_ref = fwd_bwd(lambda *a: resample_reference(*a, scale), inputs, grad_out)
-            t_native = time_ms(run_native, args.warmup, runs)
-            t_ref = time_ms(run_ref, args.warmup, runs)
-        else:
-            with torch.no_grad():
-                t_native = time_ms(lambda: native_fn(*inputs, scale), args.warmup, runs)
-                t_ref = time_ms(lambda: resample_reference(*inputs, scale), args.warmup, runs)
-        nbytes = min_bytes(inputs, with_backward)
-        achieved = nbytes / (t_native * 1e-3)
-        bound_ms = nbytes / bandwidth * 1e3
-        print(
-            f"{label:<6} {scale:>5} {pass_name:<8} {t_native:>10.3f} {t_ref:>10.3f} "
-            f"{t_ref / t_native:>7.1f}x {nbytes / 1e6:>9.1f} {achieved / 1e9:>7.1f} "
-            f"{achieved / bandwidth:>7.0%} {t_native / bound_ms:>7.1f}x"
-        )
+        times = {}
+        for name, fn in ops.items():
+            op = lambda *a, fn=fn: fn(*a, scale)  # noqa: E731
+            if with_backward:
+                times[name] = time_ms(fwd_bwd(op, inputs, grad_out), args.warmup, runs)
+            else:
+                with torch.no_grad():
+                    times[name] = time_ms(lambda op=op: op(*inputs), args.warmup, runs)
+        t_ref, t_torch = times["reference"], times["torch"]
+        row = f"{label:<6} {scale:>5} {pass_name:<8} {t_ref:>10.3f} {t_torch:>10.3f} "
+        row += f"{t_ref / t_torch:>7.1f}x"
+        if "native" in times:
+            t_native = times["native"]
+            nbytes = min_bytes(inputs, with_backward)
+            achieved = nbytes / (t_native * 1e-3)
+            bound_ms = nbytes / bandwidth * 1e3
+            row += (
+                f" {t_native:>10.3f} {t_ref / t_native:>7.1f}x {nbytes / 1e6:>9.1f} "
+                f"{achieved / 1e9:>7.1f} {achieved / bandwidth:>7.0%} {t_native / bound_ms:>7.1f}x"
+            )
+        print(row)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,11 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         sizes = CPU_SIZES
         runs = args.runs or 5
-    if not native.load(device.type):
-        sys.exit(
-            f"bench/resample_op.py: the native op cannot be built here: "
-            f"{native.unavailable_reason(device.type)}"
-        )
+    args.native = native.load(device.type)
+    if not args.native:
+        if device.type == "cuda":
+            sys.exit(
+                f"bench/resample_op.py: the native op cannot be built here: "
+                f"{native.unavailable_reason(device.type)}"
+            )
+        print(f"native op: not built ({native.unavailable_reason(device.type)}); torch ops only")
     time_ms = timer(device)
     copy_bytes = 1 << 30 if device.type == "cuda" else 1 << 28
     bandwidth = copy_bandwidth(device, dtype, time_ms, copy_bytes)
@@ -178,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}{threads}; dtype {args.dtype}; median of {runs} runs")
     print(f"device-to-device copy: {bandwidth / 1e9:.1f} GB/s (read + write)")
     print()
-    header = (
-        f"{'image':<6} {'scale':>5} {'pass':<8} {'native ms':>10} {'torch ms':>10} "
-        f"{'speedup':>8} {'MB moved':>9} {'GB/s':>7} {'of copy':>8} {'x bound':>8}"
-    )
+    header = f"{'image':<6} {'scale':>5} {'pass':<8} {'ref ms':>10} {'torch ms':>10} {'speedup':>8}"
+    if args.native:
+        header += (
+            f" {'native ms':>10} {'speedup':>8} {'MB moved':>9} {'GB/s':>7} {'of copy':>8} "
+            f"{'x bound':>8}"
+        )
     print(header)
     print("-" * len(header))
 
@@ -192,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     print()
     print(
-        "speedup = torch / native; 'of copy' = achieved bytes/s over the copy bandwidth; "
-        "'x bound' = native time over the memory-bound time (bytes / copy bandwidth)."
+        "speedup = reference / torch (resample_torch), then reference / native; 'of copy' = "
+        "native's bytes/s over the copy bandwidth; 'x bound' = native time over the "
+        "memory-bound time (bytes / copy bandwidth)."
     )
     return 0
 

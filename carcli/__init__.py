@@ -51,7 +51,8 @@ Module map (one job each; docs/architecture.md says more)::
       `models.precision`      mixed precision: one autocast helper for inference and training
       `models.quantize`       every quantiser: 8-bit LR, N-bit outputs, the training gradient
       `ops.resample`          the op's front: picks a backend
-      `ops.reference`         the op in pure PyTorch, any device, differentiable
+      `ops.reference`         the op in plain PyTorch, written to be read; the yardstick
+      `ops.torch_fast`        the pure-PyTorch op `car` runs: fused grid, in place
       `ops.native`            the op's C++/CUDA backend, built on first use (`ops/csrc`)
 
     Training (`train`: never imports the inference internals above)

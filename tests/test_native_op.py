@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from carcli.ops import native, resample, resample_reference
+from carcli.ops import native, resample, resample_reference, resample_torch
 from carcli.ops.resample import backend_for, register_backend, unregister_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -254,7 +254,7 @@ def test_cpu_fast_path_through_the_resample_front(cpu_build):
 # ------------------------------------------ build, cache and fallback --
 
 
-def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
+def test_fallback_warns_once_and_uses_the_torch_op(monkeypatch):
     monkeypatch.setattr(native, "_loaded_flavour", None)
     monkeypatch.setattr(native, "_failures", {})
     monkeypatch.setattr(native, "_warned", False)
@@ -266,7 +266,7 @@ def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
         second = native.resample_native(*inputs, 2)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "no C++ compiler (test)" in messages[0]
-    expected = resample_reference(*inputs, 2)
+    expected = resample_torch(*inputs, 2)
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
     torch.testing.assert_close(second, expected, rtol=0, atol=0)
     assert native.unavailable_reason("cpu") == "no C++ compiler (test)"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from carcli.ops import resample, resample_reference
+from carcli.ops import resample, resample_reference, resample_torch
 
 
 def _reflect(i: int, n: int) -> int:
@@ -66,17 +66,23 @@ def _random_inputs(gen, b, c, h, w, s, k, offset_scale=1.0, dtype=torch.float64)
     return hr, kern, dx, dy
 
 
+@pytest.mark.parametrize("autograd", [False, True], ids=["inference", "autograd"])
 @pytest.mark.parametrize(
     "scale,h,w,offset_scale",
     [(2, 5, 4, 1.0), (2, 3, 7, 3.0), (4, 3, 4, 1.0), (4, 2, 3, 4.0)],
 )
-def test_matches_per_pixel_loop(scale, h, w, offset_scale):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_matches_per_pixel_loop(scale, h, w, offset_scale, autograd):
+    """Both paths of the op `car` runs (in place without autograd, out of place with it)."""
+    seed = torch.seed() % 2**31
+    print(f"seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
     k = 3 * scale + 1
     hr, kern, dx, dy = _random_inputs(gen, 2, 3, h, w, scale, k, offset_scale)
     expected = slow_resample(hr, kern, dx, dy, scale)
-    got = resample(hr, kern, dx, dy, scale)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    got = resample(hr, kern.requires_grad_(autograd), dx, dy, scale)
+    assert got.requires_grad == autograd
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(resample_reference(hr, kern, dx, dy, scale).detach(), expected)
 
 
 def test_offsets_reaching_past_the_padded_border_clamp():
@@ -98,12 +104,19 @@ def test_float32_matches_float64():
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_equals_single_band():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+@pytest.mark.parametrize("autograd", [False, True], ids=["inference", "autograd"])
+def test_chunked_equals_single_band(autograd):
+    seed = torch.seed() % 2**31
+    print(f"seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
     hr, kern, dx, dy = _random_inputs(gen, 1, 3, 17, 6, 2, 7, dtype=torch.float32)
+    hr.requires_grad_(autograd)
     whole = resample_reference(hr, kern, dx, dy, 2)
     banded = resample_reference(hr, kern, dx, dy, 2, chunk_bytes=1)  # one row per band
     torch.testing.assert_close(banded, whole, rtol=1e-6, atol=1e-6)
+    for chunk in (1, 2000, 10**9):  # one row, a few rows, one band
+        fast = resample_torch(hr, kern, dx, dy, 2, chunk_bytes=chunk)
+        torch.testing.assert_close(fast, whole, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("scale", [2, 4])
@@ -124,13 +137,29 @@ def test_centre_tap_samples_block_centre(scale):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def _off_the_kinks(offsets: torch.Tensor, scale: int) -> torch.Tensor:
+    """Offsets whose samples lie at least 1e-3 pixel from a pixel line.
+
+    Bilinear sampling is not differentiable on the lines (nor is the border clamp),
+    and the finite differences of a sample within eps of one disagree with autograd:
+    seed 189 put one there at 2x (1 in about 400 draws, whichever op). Every sample
+    coordinate is a whole or half number plus ``scale * offset``.
+    """
+    frac = torch.remainder(2 * scale * offsets, 1.0)  # of the doubled coordinate
+    near = torch.minimum(frac, 1 - frac) < 2e-3
+    return torch.where(near, offsets + 2e-3 / scale, offsets)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scale", [2, 4])
 def test_gradcheck(scale):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seed = torch.seed() % 2**31
+    print(f"seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
     k = 3 * scale + 1
     h, w = (2, 3) if scale == 2 else (1, 2)  # k*k taps per LR pixel: keep the Jacobian small
     hr, kern, dx, dy = _random_inputs(gen, 1, 2, h, w, scale, k, offset_scale=0.7)
+    dx, dy = _off_the_kinks(dx, scale), _off_the_kinks(dy, scale)
     inputs = [t.clone().requires_grad_() for t in (hr, kern, dx, dy)]
     assert torch.autograd.gradcheck(
         lambda a, b, c, d: resample(a, b, c, d, scale), inputs, eps=1e-6, atol=1e-5

@@ -5,6 +5,7 @@
 from carcli.ops.native import active_backend
 from carcli.ops.reference import resample_reference
 from carcli.ops.resample import backend_for, register_backend, resample, unregister_backend
+from carcli.ops.torch_fast import resample_torch
 
 __all__ = [
     "active_backend",
@@ -12,5 +13,6 @@ __all__ = [
     "register_backend",
     "resample",
     "resample_reference",
+    "resample_torch",
     "unregister_backend",
 ]

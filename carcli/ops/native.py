@@ -44,8 +44,8 @@ from pathlib import Path
 
 import torch
 
-from carcli.ops.reference import resample_reference
 from carcli.ops.resample import register_backend
+from carcli.ops.torch_fast import resample_torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ("resample.cpp",)
@@ -64,10 +64,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Off: measured with bench/resample_op.py --device cpu (2 threads, 512px and
 # 1K images), the C++ build is 1.3-2x faster than the reference in the forward
 # pass but no faster forward+backward (0.8-1.0x), and single-threaded it is no
-# faster at all; that does not pay for a one-minute compile and a compiler on
-# every CPU-only machine. The CPU build is the test vehicle of the shared
-# arithmetic (tests/test_native_op.py); CARCLI_NATIVE_CPU=1 routes CPU tensors
-# through it anyway.
+# faster at all; the pure-PyTorch op `car` runs (ops.torch_fast) is faster than it
+# in the forward pass (2.0-3.3x the reference at 1K against 1.5-2.0x). That does
+# not pay for a one-minute compile and a compiler on every CPU-only machine. The
+# CPU build is the test vehicle of the shared arithmetic (tests/test_native_op.py);
+# CARCLI_NATIVE_CPU=1 routes CPU tensors through it anyway.
 CPU_FAST_PATH_DEFAULT = False
 
 # A lock file older than this is taken to be left by a killed build.
@@ -384,13 +385,13 @@ def resample_native(
     offsets_v: torch.Tensor,
     scale: int,
 ) -> torch.Tensor:
-    """The native op where it can run, else the pure-PyTorch reference.
+    """The native op where it can run, else the pure-PyTorch op.
 
     Kernels and offsets are cast to the image's dtype (as the reference does);
     the op itself accumulates in float32 (float64 for double inputs).
     """
     if hr.dtype not in SUPPORTED_DTYPES or not load(hr.device.type):
-        return resample_reference(hr, kernels, offsets_h, offsets_v, scale)
+        return resample_torch(hr, kernels, offsets_h, offsets_v, scale)
     dt = hr.dtype
     return torch.ops.carcli.resample(
         hr, kernels.to(dt), offsets_h.to(dt), offsets_v.to(dt), int(scale)

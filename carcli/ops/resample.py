@@ -1,9 +1,10 @@
 """Public front of the adaptive resampling op.
 
 ``resample`` validates its arguments and hands them to a backend. The
-pure-PyTorch backend always exists; faster native backends (the CUDA kernel)
-register themselves with :func:`register_backend` and are chosen for the
-devices they claim, falling back to the reference elsewhere.
+pure-PyTorch backend (:mod:`carcli.ops.torch_fast`, checked against the readable
+:mod:`carcli.ops.reference`) always exists; faster native backends (the CUDA
+kernel) register themselves with :func:`register_backend` and are chosen for the
+devices they claim, falling back to the pure-PyTorch one elsewhere.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from carcli.ops.reference import kernel_size_of, resample_reference
+from carcli.ops.reference import kernel_size_of
+from carcli.ops.torch_fast import resample_torch
 
 ResampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -26,7 +28,7 @@ class Backend:
 
 
 _BACKENDS: list[Backend] = []
-_REFERENCE = Backend("torch", resample_reference, lambda t: True)
+_TORCH = Backend("torch", resample_torch, lambda t: True)
 
 
 def register_backend(name: str, fn: ResampleFn, supports: Callable[[torch.Tensor], bool]) -> None:
@@ -44,7 +46,7 @@ def backend_for(hr: torch.Tensor) -> Backend:
     for backend in _BACKENDS:
         if backend.supports(hr):
             return backend
-    return _REFERENCE
+    return _TORCH
 
 
 def _check_args(
