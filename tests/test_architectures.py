@@ -166,6 +166,50 @@ def test_shared_head_is_cheaper_and_round_trips_through_a_checkpoint(tmp_path: P
         CARConfig.from_dict(data)
 
 
+@pytest.mark.parametrize("scale", [2, 4])
+def test_one_by_one_head_tiles_exactly_loads_and_is_cheaper(scale: int, tmp_path: Path) -> None:
+    """head_kernel=1: the heads' last conv is 1x1, so the resampler reaches less far."""
+    print(f"seed {SEED}")
+    tiny = shared_head(scale)
+    config = replace(tiny, resampler=replace(tiny.resampler, head_kernel=1))
+    torch.manual_seed(SEED)
+    model = randomised(CARModel(config), SEED + scale).eval()
+    three = CARModel(tiny).resampler
+    assert model.resampler.reach() < three.reach()
+    assert model.downscale_margin() <= CARModel(tiny).downscale_margin()
+    hr = torch.rand(1, 3, 61, 45, generator=torch.Generator().manual_seed(SEED))
+    with torch.inference_mode():
+        whole = model.downscale(hr)
+        tiled = TiledModel(model).downscale(hr, tile=16 // scale)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    # The last conv has 1/9 of the 3x3 one's weights; the rest of the network is the same.
+    one_conv, three_conv = model.resampler.head[-1], three.head[-1]
+    assert one_conv.weight.numel() * 9 == three_conv.weight.numel()
+    assert one_conv.kernel_size == (1, 1) and three_conv.kernel_size == (3, 3)
+    # It starts as bicubic, like the 3x3 head, and round-trips through a checkpoint.
+    fresh = CARModel(config).eval()
+    fresh.resampler.init_as_bicubic()
+    with torch.inference_mode():
+        _, offsets_h, _ = fresh.resampler(hr[..., :56, :40])
+    assert float(offsets_h.abs().max()) < 0.05
+    save_checkpoint(model, tmp_path / "one.safetensors", {})
+    loaded, _ = load_model(tmp_path / "one.safetensors", scale)
+    assert loaded.config.resampler.head_kernel == 1 and "1x1 head" in describe(loaded.config)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.downscale(hr), whole)
+    data = config.to_dict()
+    for bad in (2, 5, True, "1"):
+        data["resampler"]["head_kernel"] = bad
+        with pytest.raises(ValueError, match="resampler.head_kernel must be one of"):
+            CARConfig.from_dict(data)
+
+
+def test_configs_written_before_head_kernel_load_as_3x3() -> None:
+    data = preset("fast-lite", 4).to_dict()
+    del data["resampler"]["head_kernel"]
+    assert CARConfig.from_dict(data).resampler.head_kernel == 3
+
+
 # --------------------------------------------------------------------------- training
 
 

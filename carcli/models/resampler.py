@@ -27,8 +27,9 @@ def _trunk(width: int, convs: int, factor: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _head(width: int, taps: int, tanh: bool) -> nn.Sequential:
-    layers = [*reflect_conv3(width, width), nn.ReLU(), *reflect_conv3(width, taps)]
+def _head(width: int, taps: int, tanh: bool, last_kernel: int = 3) -> nn.Sequential:
+    last = reflect_conv3(width, taps) if last_kernel == 3 else [nn.Conv2d(width, taps, 1)]
+    layers = [*reflect_conv3(width, width), nn.ReLU(), *last]
     if tanh:
         layers.append(nn.Tanh())
     return nn.Sequential(*layers)
@@ -80,6 +81,7 @@ class ResamplerNet(nn.Module):
         taps = config.kernel_size**2
         self.scale = s
         self.blocks, self.trunk_convs = r.blocks, r.trunk_convs
+        self.head_reach = 1 + r.head_kernel // 2  # pixels at H/s: the heads' two convs
         self.sub_mean = MeanShift(-1.0)
         self.ds_1 = nn.Sequential(nn.ReflectionPad2d(2), nn.Conv2d(3, r.c1, 5), nn.LeakyReLU(0.2))
         self.ds_2 = DownsampleBlock(r.c1, r.c2)
@@ -90,13 +92,13 @@ class ResamplerNet(nn.Module):
         self.shared = r.head == "shared"
         if self.shared:  # one trunk and head; the last conv makes kernels and both offsets
             self.trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
-            self.head = _head(r.c8, 3 * taps, tanh=False)
+            self.head = _head(r.c8, 3 * taps, tanh=False, last_kernel=r.head_kernel)
             return
         self.kernels_trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
-        self.kernels_weight = _head(r.c8, taps, tanh=False)
+        self.kernels_weight = _head(r.c8, taps, tanh=False, last_kernel=r.head_kernel)
         self.offsets_trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
-        self.offsets_h_generation = _head(r.c8, taps, tanh=True)
-        self.offsets_v_generation = _head(r.c8, taps, tanh=True)
+        self.offsets_h_generation = _head(r.c8, taps, tanh=True, last_kernel=r.head_kernel)
+        self.offsets_v_generation = _head(r.c8, taps, tanh=True, last_kernel=r.head_kernel)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """RGB in [0, 1], sides multiples of 8 -> (kernels, offsets_h, offsets_v) at H/s."""
@@ -131,7 +133,8 @@ class ResamplerNet(nn.Module):
         cell = SIZE_MULTIPLE // s  # LR pixels per H/8 cell
         need = 0
         for i in range(cell):
-            lo, hi = i - 3, i + 3  # two head convs and one trunk conv at H/s
+            reach = self.head_reach + 1  # the heads' convs and one trunk conv at H/s
+            lo, hi = i - reach, i + reach
             lo, hi = lo // cell - self.trunk_convs, hi // cell + self.trunk_convs  # H/8
             lo, hi = 2 * lo - 2 * self.blocks, 2 * hi + 1 + 2 * self.blocks  # H/4
             lo, hi = 4 * lo - 2, 4 * hi + 3 + 2  # HR, then the 5x5 conv
