@@ -19,7 +19,10 @@ SCRIPT = REPO / "bench" / "gpu_burst.sh"
 
 
 @pytest.mark.slow
-def test_gpu_burst_dry_run_on_the_cpu_writes_small_v2_checkpoints(tmp_path: Path) -> None:
+@pytest.mark.parametrize("design", ["fast", "cheap"])
+def test_gpu_burst_dry_run_on_the_cpu_writes_small_v2_checkpoints(
+    tmp_path: Path, design: str
+) -> None:
     if shutil.which("bash") is None:
         pytest.skip("needs bash")
     rng = np.random.default_rng(7)
@@ -38,6 +41,7 @@ def test_gpu_burst_dry_run_on_the_cpu_writes_small_v2_checkpoints(tmp_path: Path
         BURST_SKIP_OP="1",
         BURST_CROPS=str(crops),
         BURST_RUNS=str(tmp_path / "runs"),
+        BURST_DESIGN=design,
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     done = subprocess.run(
@@ -45,10 +49,16 @@ def test_gpu_burst_dry_run_on_the_cpu_writes_small_v2_checkpoints(tmp_path: Path
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for scale in (4, 2):
-        path = out / f"fast_x{scale}.safetensors"
+        path = out / f"{design}_x{scale}.safetensors"
         assert path.stat().st_size < 16 * 2**20  # what the device tool brings back
         model, meta = load_model(path, scale)
         assert model.config.sr.arch == "rep" and meta["steps"] == 2
+        resampler = model.config.resampler
+        if design == "cheap":  # the designs fast enough for the 0.5x condition
+            assert resampler.head == "shared" and resampler.head_kernel == (1 if scale == 4 else 3)
+            assert meta["recipe"]["lr_weight"] == 1
+        else:
+            assert resampler.head == "separate" and resampler.head_kernel == 3
         # the student's SR network started from the bundled generic upscaler's
         assert Path(meta["recipe"]["init_sr"]).name == f"car_generic_x{scale}.safetensors"
     assert "done" in (out / "burst.log").read_text()
