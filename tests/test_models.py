@@ -93,6 +93,36 @@ def test_kernel_clamp_passes_gradients_that_lead_back_into_range():
     assert grad[n, t, i, j] < 0
 
 
+@pytest.mark.parametrize("head", ["separate", "shared"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resampler_inference_path_equals_the_autograd_path(head: str, precision: str) -> None:
+    """Without autograd the kernels are normalised (and shared-head offsets squashed) in
+    place in float32; with it, out of place. Same kernels; offsets within bf16's rounding."""
+    from dataclasses import replace
+
+    from carcli.models import CARModel, preset
+    from carcli.models.precision import autocast
+
+    seed = 11
+    print(f"seed {seed}")
+    torch.manual_seed(seed)
+    tiny = preset("tiny", 4)
+    model = CARModel(replace(tiny, resampler=replace(tiny.resampler, head=head))).eval()
+    for p in model.resampler.parameters():  # away from the bicubic start: real offsets
+        p.data.add_(torch.randn_like(p) * 0.05)
+    hr = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(seed))
+    with autocast(hr.device, precision):
+        trained = model.resampler(hr.requires_grad_())
+        with torch.no_grad():
+            inferred = model.resampler(hr)
+    assert trained[0].requires_grad and not inferred[0].requires_grad
+    tol = 0 if precision == "fp32" else 4e-3  # bf16 tanh's output rounding
+    for a, b in zip(trained, inferred, strict=True):
+        assert a.dtype == torch.float32 or precision == "bf16"
+        torch.testing.assert_close(b.float(), a.detach().float(), rtol=0, atol=max(tol, 1e-6))
+    torch.testing.assert_close(inferred[0].sum(dim=1), torch.ones(1, 12, 10), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_downsample_block_equals_unshuffle_then_1x1_conv(channels_last: bool) -> None:
     """The strided-conv fast path is the authors' PixelUnshuffle + 1x1 conv, gradients too."""
