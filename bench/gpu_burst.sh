@@ -78,7 +78,18 @@ fi
 # Split what is left between 4x and 2x, keeping 40 s for the exports.
 train_one() {
     local scale=$1 seconds=$2
+    # fast: the student's resampler starts as the shipped one. cheap: a lighter resampler
+    # from its bicubic start (no --init: the preset's), with the teacher's LR as a target.
+    local name="${BURST_DESIGN:-fast}" design=()
     local run="${BURST_RUNS:-runs}/burst-x$scale"
+    if [ "$name" = cheap ]; then
+        run="$run-cheap"
+        if [ "$scale" = 4 ]; then design=(--config fast-lite-1x1); else design=(--config fast-lite); fi
+        design+=(--lr-weight 1)
+    else
+        name=fast
+        design=(--init "$WEIGHTS/car_x$scale.safetensors" --config fast)
+    fi
     local budget=()
     if [ -n "${BURST_STEPS:-}" ]; then
         budget=(--steps "$BURST_STEPS")
@@ -92,17 +103,6 @@ train_one() {
     local init_sr=()
     [ -f "$WEIGHTS/car_generic_x$scale.safetensors" ] &&
         init_sr=(--init-sr "$WEIGHTS/car_generic_x$scale.safetensors")
-    # fast: the student's resampler starts as the shipped one. cheap: a lighter resampler
-    # from its bicubic start (no --init: the preset's), with the teacher's LR as a target.
-    local design=(--init "$WEIGHTS/car_x$scale.safetensors" --config fast)
-    local name=fast
-    if [ "${BURST_DESIGN:-fast}" = cheap ]; then
-        name=cheap
-        run="$run-cheap"
-        [ -f "$run/state.pt" ] && resume=(--resume) || resume=()
-        if [ "$scale" = 4 ]; then design=(--config fast-lite-1x1); else design=(--config fast-lite); fi
-        design+=(--lr-weight 1)
-    fi
     log "train ${scale}x (${name}) for ${BURST_STEPS:-${seconds} s}"
     car train --data "$CROPS" --val "$CROPS" --run "$run" --scale "$scale" --device "$DEVICE" \
         "${design[@]}" "${init_sr[@]}" \

@@ -148,8 +148,8 @@ class ResamplerNet(nn.Module):
         s = self.scale
         cell = SIZE_MULTIPLE // s  # LR pixels per H/8 cell
         need = 0
+        reach = self.head_reach + 1  # the heads' convs and one trunk conv at H/s
         for i in range(cell):
-            reach = self.head_reach + 1  # the heads' convs and one trunk conv at H/s
             lo, hi = i - reach, i + reach
             lo, hi = lo // cell - self.trunk_convs, hi // cell + self.trunk_convs  # H/8
             lo, hi = 2 * lo - 2 * self.blocks, 2 * hi + 1 + 2 * self.blocks  # H/4

@@ -56,8 +56,8 @@ def _band_grid(
     ratio_x: float,
     size_p: tuple[int, int],
 ) -> torch.Tensor:
-    """Normalised sampling grid (B x k*k*rows x w x 2) for a band of LR rows."""
-    b, taps, _, w = offsets_h.shape
+    """Normalised sampling grid (B x k*k x rows x w x 2) for a band of LR rows."""
+    taps, w = offsets_h.shape[1], offsets_h.shape[3]
     dx = offsets_h[:, :, rows]
     dy = offsets_v[:, :, rows]
     n_rows = dx.shape[2]
@@ -72,8 +72,33 @@ def _band_grid(
     hp, wp = size_p
     gx = px * (2.0 / max(wp - 1, 1)) - 1.0
     gy = py * (2.0 / max(hp - 1, 1)) - 1.0
-    grid = torch.stack((gx, gy), dim=-1)  # B x taps x rows x w x 2
-    return grid.reshape(b, taps * n_rows, w, 2)
+    return torch.stack((gx, gy), dim=-1)  # B x taps x rows x w x 2
+
+
+def row_bands(hr: torch.Tensor, taps: int, h: int, w: int, chunk_bytes: int) -> list[slice]:
+    """Bands of LR rows whose sampled taps (B x C x taps x rows x w) fit in ``chunk_bytes``.
+
+    At least one row per band, so memory stays bounded whatever the image size.
+    """
+    b, c = hr.shape[:2]
+    bytes_per_row = b * max(c, 2) * taps * w * hr.element_size()  # the grid has 2 channels
+    band = max(1, min(h, chunk_bytes // max(bytes_per_row, 1)))
+    return [slice(start, min(h, start + band)) for start in range(0, h, band)]
+
+
+def sample_taps(hr_p: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of the padded image at a band's grid: B x C x taps x rows x w.
+
+    ``grid`` is B x taps x rows x w x 2 in grid_sample's normalised coordinates.
+    """
+    b, taps, n, w = grid.shape[:4]
+    return F.grid_sample(
+        hr_p,
+        grid.reshape(b, taps * n, w, 2),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
+    ).view(b, hr_p.shape[1], taps, n, w)
 
 
 def resample_reference(
@@ -85,7 +110,7 @@ def resample_reference(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
     """Adaptive resampling per section 2 of the method, in plain PyTorch ops."""
-    b, c, hh, ww = hr.shape
+    hh, ww = hr.shape[-2:]
     taps, h, w = kernels.shape[1:]
     k = kernel_size_of(taps)
     pad = k // 2
@@ -97,16 +122,10 @@ def resample_reference(
     offsets_v = offsets_v.to(hr.dtype)
     kernels = kernels.to(hr.dtype)
 
-    bytes_per_row = b * max(c, 2) * taps * w * hr.element_size()
-    band = max(1, min(h, chunk_bytes // max(bytes_per_row, 1)))
     out = []
-    for start in range(0, h, band):
-        rows = slice(start, min(h, start + band))
-        n = rows.stop - rows.start
+    for rows in row_bands(hr, taps, h, w, chunk_bytes):
         grid = _band_grid(offsets_h, offsets_v, rows, k, scale, ratio_y, ratio_x, size_p)
-        taps_img = F.grid_sample(
-            hr_p, grid, mode="bilinear", padding_mode="border", align_corners=True
-        ).view(b, c, taps, n, w)
+        taps_img = sample_taps(hr_p, grid)
         weights = kernels[:, :, rows].unsqueeze(1)  # B x 1 x taps x n x w
         out.append((taps_img * weights).sum(dim=2))
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)

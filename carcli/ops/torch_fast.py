@@ -17,9 +17,8 @@ stacked, the product is out of place), so training uses it too.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from carcli.ops.reference import kernel_size_of, reflect_pad
+from carcli.ops.reference import kernel_size_of, reflect_pad, row_bands, sample_taps
 
 # Bytes of sampled taps per band of LR rows: small enough to stay in cache-friendly
 # pieces (8 to 32 MiB measured the same on 2 cores), bounded whatever the image size.
@@ -59,10 +58,7 @@ def resample_torch(
     grad = _needs_grad(hr, kernels, offsets_h, offsets_v)
     out = None if grad else hr.new_empty(b, c, h, w)
     bands = []
-    bytes_per_row = b * max(c, 2) * taps * w * hr.element_size()
-    band = max(1, min(h, chunk_bytes // max(bytes_per_row, 1)))
-    for start in range(0, h, band):
-        rows = slice(start, min(h, start + band))
+    for rows in row_bands(hr, taps, h, w, chunk_bytes):
         n = rows.stop - rows.start
         i = torch.arange(rows.start, rows.stop, device=dev, dtype=dt).view(1, n, 1)
         base_y = ((i + 0.5) * (hh / h) + u - 0.5) * ay - 1.0  # taps x n x 1
@@ -76,13 +72,7 @@ def resample_torch(
             grid = hr.new_empty(b, taps, n, w, 2)
             torch.add(base_x, dx, alpha=scale * ax, out=grid[..., 0])
             torch.add(base_y, dy, alpha=scale * ay, out=grid[..., 1])
-        sampled = F.grid_sample(
-            hr_p,
-            grid.view(b, taps * n, w, 2),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=True,
-        ).view(b, c, taps, n, w)
+        sampled = sample_taps(hr_p, grid)
         weights = kernels[:, :, rows].unsqueeze(1)  # B x 1 x taps x n x w
         if grad:
             bands.append((sampled * weights).sum(dim=2))
