@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from carcli.checkpoints import GENERIC_ROLE
 from carcli.errors import UsageError, ValidationError, param
 from carcli.metrics import PEAK, rgb_to_y
-from carcli.models import CARModel, deepened, preset
+from carcli.models import CARConfig, CARModel, deepened, preset
+from carcli.models.graft import can_graft_shared_head, graft_shared_head
 from carcli.models.precision import autocast
 from carcli.models.quantize import quantize, quantize_for_training
 from carcli.ops import resample
@@ -35,6 +36,9 @@ LOG_NAME = "log.jsonl"
 RECONSTRUCTION_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}  # by TrainConfig.loss
 assert tuple(RECONSTRUCTION_LOSSES) == LOSSES
 
+
+# LR pixels a graft fits the shared head on (its conv has at most 577 inputs per output)
+_GRAFT_PIXELS = 400_000
 
 # What a state.pt must hold, and of which type, before any of it is used.
 _STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -255,6 +259,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
+        self._crops: PatchSampler | None = None  # loaded by the first to need them
         if cfg.init:
             from carcli.checkpoints import load_model
 
@@ -293,12 +298,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             params, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
-        self.sampler = PatchSampler(
-            [Path(d) for d in cfg.data],
-            cfg.patch,
-            seed=ddp.rank_seed(cfg.seed, self.ranks.rank),
-            quiet=quiet,
-        )
+        self.sampler = self._training_crops()
         # The SR network alone on fixed LR crops: cached teacher targets, or bicubic LR.
         generic = cfg.lr_source == "bicubic"
         self.cached = generic or (self.teacher is not None and cfg.freeze_resampler)
@@ -327,6 +327,17 @@ class Trainer:
         self.best_psnr = -math.inf
         self.history: list[dict] = []
         self.stop_requested = False
+
+    def _training_crops(self) -> PatchSampler:
+        """The training images, loaded once: a graft fits on them before training starts."""
+        if self._crops is None:
+            self._crops = PatchSampler(
+                [Path(d) for d in self.cfg.data],
+                self.cfg.patch,
+                seed=ddp.rank_seed(self.cfg.seed, self.ranks.rank),
+                quiet=self.quiet,
+            )
+        return self._crops
 
     def _load_sr(self, path: Path) -> None:
         """Start the SR network from another file's: a generic upscaler has learned natural
@@ -365,8 +376,31 @@ class Trainer:
                 f"note: resampler from the init checkpoint, a new {want.sr.arch} SR network "
                 f"({want.sr.blocks} x {want.sr.features}) for the {name} config"
             )
+        elif can_graft_shared_head(have.resampler, want.resampler):
+            self._graft(want)
         else:
             self._say(f"note: the init checkpoint uses config {have.name!r}, kept as it is")
+
+    def _graft(self, want: CARConfig) -> None:
+        """Start a shared-head resampler as the init pair's two-branch one (models.graft)."""
+        student = CARModel(want)
+        if want.sr == self.model.config.sr:
+            student.sr.load_state_dict(self.model.sr.state_dict())
+        # the training crops with a stream of their own: training's is untouched
+        probe = copy.copy(self._training_crops())
+        probe.generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+        lr_side = self.cfg.patch // self.cfg.scale
+        batches = min(64, math.ceil(_GRAFT_PIXELS / (16 * lr_side * lr_side)))
+        fit = graft_shared_head(
+            self.model.resampler, student.resampler, (probe.batch(16) for _ in range(batches))
+        )
+        sr = "its SR network kept" if want.sr == self.model.config.sr else "a new SR network"
+        self._say(
+            f"note: resampler grafted onto one shared head for config {want.name} "
+            f"(fitted on {fit.pixels} LR pixels: R^2 kernels {fit.kernels_r2:.3f}, "
+            f"offsets {fit.offsets_r2:.3f}); {sr}"
+        )
+        self.model = student
 
     def close(self) -> None:
         """Drop the DDP wrapper (it holds the process group) before the ranks leave it."""
