@@ -6,10 +6,11 @@
 For each image size and scale it times the forward pass and forward+backward
 (gradients w.r.t. kernels and offsets, as in training) of the native op (where
 it builds; ``-`` otherwise), of ``resample_torch`` (the default pure-PyTorch op)
-and of ``resample_reference`` on the same device: CUDA events (or perf_counter
-on the CPU) after warm-up, median of ``--runs`` runs. Next to the native times it
-prints the bytes the op must move at least (inputs read once, outputs written
-once), the achieved bytes/s, and that as a fraction of the bandwidth of a
+and of ``resample_reference`` on the same device, and the fixed-tap path of a
+resampler without offsets (``resample_fixed``; gradients w.r.t. the kernels):
+CUDA events (or perf_counter on the CPU) after warm-up, median of ``--runs`` runs.
+Next to the native times it prints the bytes the op must move at least (inputs
+read once, outputs written once), the achieved bytes/s, and that as a fraction of the bandwidth of a
 device-to-device copy measured in the same run, so the distance to the
 memory-bound limit is visible.
 """
@@ -26,7 +27,7 @@ import torch
 
 from carcli.ops import native
 from carcli.ops.reference import resample_reference
-from carcli.ops.torch_fast import resample_torch
+from carcli.ops.torch_fast import resample_fixed, resample_torch
 
 CUDA_SIZES = {"2K": (1356, 2040), "4K": (2160, 3840)}  # (H, W) of the HR image
 CPU_SIZES = {"512px": (336, 512), "1K": (676, 1020)}  # smaller: the reference is slow
@@ -123,7 +124,14 @@ def bench_case(label, h_hr, w_hr, scale, device, dtype, time_ms, bandwidth, args
             err = (fn(*inputs, scale).float() - ref).abs().max().item()
             if err > (1e-4 if dtype == torch.float32 else 2e-2):
                 print(f"  warning: {name} and reference differ by {err:.3g}", file=sys.stderr)
+        hr, kernels, zero = inputs[0], inputs[1], torch.zeros_like(inputs[2])
+        err = resample_fixed(hr, kernels, scale) - resample_reference(
+            hr, kernels, zero, zero, scale
+        )
+        if err.abs().max().item() > (1e-4 if dtype == torch.float32 else 2e-2):
+            print("  warning: fixed and reference (offsets 0) differ", file=sys.stderr)
     grad_out = torch.randn_like(ref).to(dtype)
+    fixed = lambda hr, kernels: resample_fixed(hr, kernels, scale)  # noqa: E731
     passes = [("forward", False)] if args.no_backward else [("forward", False), ("fwd+bwd", True)]
     for pass_name, with_backward in passes:
         times = {}
@@ -134,9 +142,14 @@ def bench_case(label, h_hr, w_hr, scale, device, dtype, time_ms, bandwidth, args
             else:
                 with torch.no_grad():
                     times[name] = time_ms(lambda op=op: op(*inputs), args.warmup, runs)
+        if with_backward:
+            t_fixed = time_ms(fwd_bwd(fixed, inputs[:2], grad_out), args.warmup, runs)
+        else:
+            with torch.no_grad():
+                t_fixed = time_ms(lambda: fixed(*inputs[:2]), args.warmup, runs)
         t_ref, t_torch = times["reference"], times["torch"]
         row = f"{label:<6} {scale:>5} {pass_name:<8} {t_ref:>10.3f} {t_torch:>10.3f} "
-        row += f"{t_ref / t_torch:>7.1f}x"
+        row += f"{t_ref / t_torch:>7.1f}x {t_fixed:>10.3f} {t_torch / t_fixed:>7.1f}x"
         if "native" in times:
             t_native = times["native"]
             nbytes = min_bytes(inputs, with_backward)
@@ -191,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device-to-device copy: {bandwidth / 1e9:.1f} GB/s (read + write)")
     print()
     header = f"{'image':<6} {'scale':>5} {'pass':<8} {'ref ms':>10} {'torch ms':>10} {'speedup':>8}"
+    header += f" {'fixed ms':>10} {'vs torch':>8}"
     if args.native:
         header += (
             f" {'native ms':>10} {'speedup':>8} {'MB moved':>9} {'GB/s':>7} {'of copy':>8} "
@@ -206,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     print()
     print(
-        "speedup = reference / torch (resample_torch), then reference / native; 'of copy' = "
+        "speedup = reference / torch (resample_torch); fixed = resample_fixed (no offsets), "
+        "'vs torch' = torch / fixed; then reference / native; 'of copy' = "
         "native's bytes/s over the copy bandwidth; 'x bound' = native time over the "
         "memory-bound time (bytes / copy bandwidth)."
     )

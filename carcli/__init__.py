@@ -44,6 +44,7 @@ Module map (one job each; docs/architecture.md says more)::
       `models.car`            `CARModel`: resampler + op + 8-bit rounding + SR; its margin
       `models.config`         network configurations and presets; `check_scale`
       `models.resampler`      the kernel-generation network, float32 kernel head, reach
+      `models.graft`          a trained two-branch resampler onto the cheaper shared head
       `models.sr`             `SRNetwork` (what an SR network offers) and `register_sr`
       `models.edsr`           EDSR, registered as "edsr": its two stages, float32 ends and margins
       `models.rep`            a re-parameterisable plain SR network, registered as "rep"
@@ -52,7 +53,7 @@ Module map (one job each; docs/architecture.md says more)::
       `models.quantize`       every quantiser: 8-bit LR, N-bit outputs, the training gradient
       `ops.resample`          the op's front: picks a backend
       `ops.reference`         the op in plain PyTorch, written to be read; the yardstick
-      `ops.torch_fast`        the pure-PyTorch op `car` runs: fused grid, in place
+      `ops.torch_fast`        the pure-PyTorch op `car` runs: fused grid, in place; fixed taps
       `ops.native`            the op's C++/CUDA backend, built on first use (`ops/csrc`)
 
     Training (`train`: never imports the inference internals above)

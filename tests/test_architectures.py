@@ -207,7 +207,75 @@ def test_one_by_one_head_tiles_exactly_loads_and_is_cheaper(scale: int, tmp_path
 def test_configs_written_before_head_kernel_load_as_3x3() -> None:
     data = preset("fast-lite", 4).to_dict()
     del data["resampler"]["head_kernel"]
-    assert CARConfig.from_dict(data).resampler.head_kernel == 3
+    del data["resampler"]["offsets"]
+    config = CARConfig.from_dict(data)
+    assert config.resampler.head_kernel == 3 and config.resampler.offsets
+
+
+@pytest.mark.parametrize("head", ["shared", "separate"])
+@pytest.mark.parametrize("scale", [2, 4])
+def test_resampler_without_offsets_tiles_exactly_loads_and_is_what_zero_offsets_give(
+    scale: int, head: str, tmp_path: Path
+) -> None:
+    """offsets=False: kernels only, the op's fixed-tap path; the same LR as the design with
+    offsets whose offsets are zero."""
+    print(f"seed {SEED}")
+    tiny = preset("tiny", scale)
+    with_offsets = replace(tiny, resampler=replace(tiny.resampler, head=head))
+    config = replace(tiny, resampler=replace(tiny.resampler, head=head, offsets=False))
+    torch.manual_seed(SEED)
+    model = randomised(CARModel(config), SEED + scale).eval()
+    hr = torch.rand(1, 3, 61, 45, generator=torch.Generator().manual_seed(SEED))
+    with torch.inference_mode():
+        kernels, offsets_h, offsets_v = model.resampler(hr[..., :56, :40])
+        assert offsets_h is None and offsets_v is None
+        whole = model.downscale(hr)
+        tiled = TiledModel(model).downscale(hr, tile=16 // scale)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    # The design with offsets, its kernel part the same and its offsets zeroed.
+    other = CARModel(with_offsets).eval()
+    state = other.state_dict()
+    for key, value in model.state_dict().items():
+        if state[key].shape != value.shape:  # the shared head's last conv: kernels first
+            state[key][: value.shape[0]] = value
+            state[key][value.shape[0] :] = 0.0
+        else:
+            state[key] = value
+    for key in state:  # the separate heads' offsets: tanh(0)
+        if key.startswith(("resampler.offsets_h_generation.4", "resampler.offsets_v_generation.4")):
+            state[key].zero_()
+    other.load_state_dict(state)
+    with torch.inference_mode():
+        torch.testing.assert_close(other.downscale(hr), whole, rtol=0, atol=1e-5)
+    assert sum(p.numel() for p in model.resampler.parameters()) < sum(
+        p.numel() for p in other.resampler.parameters()
+    )
+    # A checkpoint keeps it; describe says so; a bicubic start works without offsets.
+    save_checkpoint(model, tmp_path / "k.safetensors", {})
+    loaded, _ = load_model(tmp_path / "k.safetensors", scale)
+    assert not loaded.config.resampler.offsets and "no offsets" in describe(loaded.config)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.downscale(hr), whole)
+    loaded.resampler.reset_heads()
+    data = config.to_dict()
+    for bad in (0, "no", None):
+        data["resampler"]["offsets"] = bad
+        with pytest.raises(ValueError, match="resampler.offsets must be true or false"):
+            CARConfig.from_dict(data)
+
+
+def test_training_without_offsets_skips_their_regularisers(train_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(train_dir, config="fast-lite-no-offsets", scale=4, patch=32, steps=2,
+               offset_weight=1e-3, tv_weight=1e-3, log_every=1)  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    before = trainer.model.resampler.head[-1].weight.detach().clone()
+    trainer.run()
+    assert not torch.equal(trainer.model.resampler.head[-1].weight, before)  # kernels trained
+    logged = [
+        json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    ]
+    steps = [r for r in logged if r.get("event") == "train"]
+    assert steps and all("offset" not in r and "tv" not in r for r in steps)
 
 
 # --------------------------------------------------------------------------- training

@@ -124,3 +124,24 @@ def test_train_init_with_a_shared_head_preset_grafts_the_pair(
     with torch.no_grad():
         got, want = model.resampler.eval()(x), source.resampler(x)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_kernel", [3, 1])
+def test_graft_onto_a_head_without_offsets_keeps_the_kernels(head_kernel: int) -> None:
+    """The 4x pairs' offsets are zero anyway: kernels only, copied (3x3) or fitted (1x1)."""
+    torch.manual_seed(SEED)
+    source = _resampler(4).eval()
+    target = _resampler(4, head="shared", head_kernel=head_kernel, offsets=False).eval()
+    assert can_graft_shared_head(SMALL, replace(SMALL, head="shared", offsets=False))
+    assert not can_graft_shared_head(replace(SMALL, offsets=False), replace(SMALL, head="shared"))
+    fit = graft_shared_head(source, target, _patches(SEED))
+    assert fit.offsets_r2 is None
+    x = _patches(SEED + 1, 1)[0]
+    with torch.no_grad():
+        got, want = target(x), source(x)
+    assert got[1] is None and got[2] is None
+    if head_kernel == 3:
+        assert fit.pixels == 0 and fit.kernels_r2 == 1.0  # nothing to fit
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-7)
+    else:
+        assert fit.pixels > 0 and 0.0 < fit.kernels_r2 < 1.0

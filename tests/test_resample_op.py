@@ -189,3 +189,58 @@ def test_images_smaller_than_the_padding(size):
     torch.testing.assert_close(
         resample(hr, kern, dx, dy, 2), slow_resample(hr, kern, dx, dy, 2), rtol=1e-10, atol=1e-10
     )
+
+
+# ---------------------------------------------------------------- without offsets (fixed taps)
+
+
+@pytest.mark.parametrize("autograd", [False, True], ids=["inference", "autograd"])
+@pytest.mark.parametrize("scale,h,w", [(2, 5, 4), (2, 1, 3), (4, 3, 4), (4, 2, 1), (3, 2, 3)])
+def test_no_offsets_match_the_per_pixel_loop_with_zero_offsets(scale, h, w, autograd):
+    """Offsets None: the fixed-tap path, the same numbers as the formula with offsets 0."""
+    seed = torch.seed() % 2**31
+    print(f"seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
+    k = 3 * scale + 1 if scale % 2 == 0 else 3 * scale
+    hr, kern, dx, _ = _random_inputs(gen, 2, 3, h, w, scale, k)
+    zero = torch.zeros_like(dx)
+    expected = slow_resample(hr, kern, zero, zero, scale)
+    got = resample(hr, kern.requires_grad_(autograd), None, None, scale)
+    assert got.requires_grad == autograd
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [(2, 9), (3, 3), (1, 1)])
+def test_no_offsets_on_images_smaller_than_the_padding(size):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    h, w = size
+    hr = torch.rand(1, 3, h * 4, w * 4, generator=gen, dtype=torch.float64)
+    kern = torch.rand(1, 169, h, w, generator=gen, dtype=torch.float64)  # pad 6 > side
+    zero = torch.zeros_like(kern)
+    torch.testing.assert_close(
+        resample(hr, kern, None, None, 4),
+        slow_resample(hr, kern, zero, zero, 4),
+        rtol=1e-10,
+        atol=1e-10,
+    )
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_no_offsets_gradcheck(scale):
+    seed = torch.seed() % 2**31
+    print(f"seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
+    k = 3 * scale + 1
+    hr, kern, _, _ = _random_inputs(gen, 1, 2, 2, 2, scale, k)
+    inputs = [t.clone().requires_grad_() for t in (hr, kern)]
+    assert torch.autograd.gradcheck(
+        lambda a, b: resample(a, b, None, None, scale), inputs, eps=1e-6, atol=1e-6
+    )
+
+
+def test_offsets_come_both_or_neither():
+    hr, kern = torch.rand(1, 3, 8, 8), torch.rand(1, 49, 4, 4)
+    with pytest.raises(ValueError, match="both offsets or neither"):
+        resample(hr, kern, kern, None, 2)
+    with pytest.raises(ValueError, match="must be 8x8"):
+        resample(torch.rand(1, 3, 9, 8), kern, None, None, 2)

@@ -74,7 +74,7 @@ class CARModel(nn.Module):
     def resample_padded(self, hr: torch.Tensor) -> torch.Tensor:
         """Float LR of an HR batch whose sides are already multiples of 8."""
         kernels, offsets_h, offsets_v = self.resampler(hr)
-        return resample(hr, kernels.float(), offsets_h.float(), offsets_v.float(), self.scale)
+        return resample(hr, kernels.float(), _float(offsets_h), _float(offsets_v), self.scale)
 
     def downscale(self, hr: torch.Tensor) -> torch.Tensor:
         """HR in [0, 1], any size -> float LR (not yet quantised), ceil(H/s) x ceil(W/s)."""
@@ -101,6 +101,10 @@ class CARModel(nn.Module):
         """
         names = ("sr",) if self.sr_only else ("resampler", "sr")
         return {name: _learned_parameters(getattr(self, name)) for name in names}
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 def _learned_parameters(module: nn.Module) -> int:

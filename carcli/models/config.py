@@ -35,6 +35,10 @@ class ResamplerConfig:
     # Side of the heads' last conv: 3 (the paper's) or 1. That conv makes k*k (or 3*k*k)
     # channels at H/s, the largest conv of a light resampler at 4x; 1 cuts it ninefold.
     head_kernel: int = 3
+    # False: kernels only, every tap at its fixed place (offsets zero). The shipped 4x pair's
+    # offsets are zero to 1e-3 px (its regularisers flattened them), so at 4x they cost the
+    # offsets' convs, tail and bilinear sampling for nothing; the op then takes a cheaper path.
+    offsets: bool = True
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,10 @@ def _sub_config(kind: type, data: object) -> dict:
                     f"{label}.head_kernel must be one of {RESAMPLER_HEAD_KERNELS}, got {value!r}"
                 )
             out[key] = value
+        elif key == "offsets":
+            if not isinstance(value, bool):
+                raise ValueError(f"{label}.offsets must be true or false, got {value!r}")
+            out[key] = value
         elif key == "res_scale":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{label}.res_scale must be a number, got {value!r}")
@@ -192,6 +200,8 @@ SCALED_PRESETS: dict[str, tuple[ResamplerConfig, dict[int, SRConfig]]] = {
     "fast-lite": (replace(_COMPACT_RESAMPLER, head="shared"), _FAST_SR),
     # ... whose head ends in a 1x1 conv: the cheaper still, for 4x
     "fast-lite-1x1": (replace(_COMPACT_RESAMPLER, head="shared", head_kernel=1), _FAST_SR),
+    # ... making kernels only (no offsets): what the 4x pairs learn anyway, at less cost
+    "fast-lite-no-offsets": (replace(_COMPACT_RESAMPLER, head="shared", offsets=False), _FAST_SR),
 }
 
 
@@ -210,6 +220,7 @@ def describe(config: CARConfig, sr_only: bool = False) -> str:
         return f"{net} (SR only: generic upscaler)"
     head = ", shared head" if r.head == "shared" else ""
     head += ", 1x1 head" if r.head_kernel == 1 else ""
+    head += ", no offsets" if not r.offsets else ""
     return f"resampler {r.c1}/{r.c2}/{r.c4}/{r.c8} ({r.blocks} res. blocks{head}); {net}"
 
 

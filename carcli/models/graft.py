@@ -27,10 +27,11 @@ from carcli.models.resampler import ResamplerNet
 
 
 def can_graft_shared_head(have: ResamplerConfig, want: ResamplerConfig) -> bool:
-    """True when ``want`` is ``have`` with its two branches merged into one shared head."""
-    if have.head != "separate" or want.head != "shared":
+    """True when ``want`` is ``have`` with its two branches merged into one shared head
+    (whose last conv may differ in size, and which may drop the offsets)."""
+    if have.head != "separate" or want.head != "shared" or not have.offsets:
         return False
-    return replace(want, head="separate", head_kernel=have.head_kernel) == have
+    return replace(want, head="separate", head_kernel=have.head_kernel, offsets=True) == have
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class GraftFit:
 
     pixels: int
     kernels_r2: float  # 1.0 when the kernel rows were copied
-    offsets_r2: float
+    offsets_r2: float | None  # None when the target has no offsets
 
 
 def _features(hidden: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -88,7 +89,12 @@ def graft_shared_head(
     kernel = last.kernel_size[0]
     copy_kernels = source.kernels_weight[-1].kernel_size[0] == kernel
     taps = source.taps
-    fitted = ["offsets_h", "offsets_v"] if copy_kernels else ["kernels", "offsets_h", "offsets_v"]
+    fitted = ([] if copy_kernels else ["kernels"]) + (
+        ["offsets_h", "offsets_v"] if target.offsets else []
+    )
+    if not fitted:  # kernels only, copied: nothing to fit
+        target.head[-1].load_state_dict(source.kernels_weight[-1].state_dict())
+        return GraftFit(0, 1.0, None)
 
     seen: dict[str, torch.Tensor] = {}
     watched = {
@@ -144,4 +150,5 @@ def graft_shared_head(
         return GraftFit(pixels, 1.0, r2(slice(0, 2 * taps)))
     last.weight.copy_(weight)
     last.bias.copy_(bias)
-    return GraftFit(pixels, r2(slice(0, taps)), r2(slice(taps, 3 * taps)))
+    offsets_r2 = r2(slice(taps, 3 * taps)) if target.offsets else None
+    return GraftFit(pixels, r2(slice(0, taps)), offsets_r2)

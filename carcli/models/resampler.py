@@ -17,6 +17,8 @@ from carcli.models.layers import (
 # Input sides must be multiples of this (three pixel-unshuffles by 2).
 SIZE_MULTIPLE = 8
 
+Offset = torch.Tensor | None  # None: a resampler without offsets (taps at fixed places)
+
 
 def _trunk(width: int, convs: int, factor: int) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -100,24 +102,38 @@ class ResamplerNet(nn.Module):
         self.ds_8 = DownsampleBlock(r.c4, r.c8)
         self.taps = taps
         self.shared = r.head == "shared"
+        self.offsets = r.offsets
         if self.shared:  # one trunk and head; the last conv makes kernels and both offsets
             self.trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
-            self.head = _head(r.c8, 3 * taps, tanh=False, last_kernel=r.head_kernel)
+            outputs = 3 * taps if self.offsets else taps
+            self.head = _head(r.c8, outputs, tanh=False, last_kernel=r.head_kernel)
             return
         self.kernels_trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
         self.kernels_weight = _head(r.c8, taps, tanh=False, last_kernel=r.head_kernel)
+        if not self.offsets:
+            return
         self.offsets_trunk = _trunk(r.c8, r.trunk_convs, SIZE_MULTIPLE // s)
         self.offsets_h_generation = _head(r.c8, taps, tanh=True, last_kernel=r.head_kernel)
         self.offsets_v_generation = _head(r.c8, taps, tanh=True, last_kernel=r.head_kernel)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """RGB in [0, 1], sides multiples of 8 -> (kernels, offsets_h, offsets_v) at H/s."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Offset, Offset]:
+        """RGB in [0, 1], sides multiples of 8 -> (kernels, offsets_h, offsets_v) at H/s.
+
+        Without offsets (``offsets: false``) both offsets are None: taps at fixed places.
+        """
         x = self.sub_mean(x)
         x = self.ds_1(x)
         x = self.ds_2(x)
         x = self.ds_4(x)
         x = x + self.res_4(x)
         x = self.ds_8(x)
+        if self.shared and not self.offsets:
+            raw = self.head(self.trunk(x)).float()
+            return (
+                (_normalize_in_place(raw) if _inference(raw) else normalize_kernels(raw)),
+                None,
+                None,
+            )
         if self.shared:
             raw, offsets_h, offsets_v = self.head(self.trunk(x)).split(self.taps, dim=1)
             if _inference(raw):
@@ -134,6 +150,8 @@ class ResamplerNet(nn.Module):
         # and 0.2 % between tile sizes; in float32, 0.4 % and 0.02 %).
         raw = self.kernels_weight(k).float()
         kernels = _normalize_in_place(raw) if _inference(raw) else normalize_kernels(raw)
+        if not self.offsets:
+            return kernels, None, None
         o = self.offsets_trunk(x)
         return kernels, self.offsets_h_generation(o), self.offsets_v_generation(o)
 
@@ -160,11 +178,12 @@ class ResamplerNet(nn.Module):
     @torch.no_grad()
     def reset_heads(self) -> None:
         """Fresh kernel and offset heads, started as bicubic (to revive collapsed heads)."""
-        heads = (
-            (self.head,)
-            if self.shared
-            else (self.kernels_weight, self.offsets_h_generation, self.offsets_v_generation)
-        )
+        if self.shared:
+            heads: tuple[nn.Module, ...] = (self.head,)
+        elif self.offsets:
+            heads = (self.kernels_weight, self.offsets_h_generation, self.offsets_v_generation)
+        else:
+            heads = (self.kernels_weight,)
         for head in heads:
             for layer in head:
                 if isinstance(layer, nn.Conv2d):
@@ -180,15 +199,16 @@ class ResamplerNet(nn.Module):
         w2 = torch.outer(w1, w1)
         w2 = w2 / w2.sum() * 0.5  # leave headroom under the clamp at 1
         zeros = torch.zeros(k * k)
-        last_convs = (
-            ((self.head[-1], torch.cat([w2.flatten(), zeros, zeros])),)
-            if self.shared
-            else (
-                (self.kernels_weight[-1], w2.flatten()),
-                (self.offsets_h_generation[-2], zeros),
-                (self.offsets_v_generation[-2], zeros),
-            )
-        )
+        if self.shared:
+            bias = torch.cat([w2.flatten(), zeros, zeros]) if self.offsets else w2.flatten()
+            last_convs: tuple[tuple[nn.Conv2d, torch.Tensor], ...] = ((self.head[-1], bias),)
+        else:
+            last_convs = ((self.kernels_weight[-1], w2.flatten()),)
+            if self.offsets:
+                last_convs += (
+                    (self.offsets_h_generation[-2], zeros),
+                    (self.offsets_v_generation[-2], zeros),
+                )
         for head, bias in last_convs:
             head.weight.mul_(1e-3)
             head.bias.copy_(bias)

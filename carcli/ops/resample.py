@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from carcli.ops.reference import kernel_size_of
-from carcli.ops.torch_fast import resample_torch
+from carcli.ops.torch_fast import resample_fixed, resample_torch
 
 ResampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -52,13 +52,19 @@ def backend_for(hr: torch.Tensor) -> Backend:
 def _check_args(
     hr: torch.Tensor,
     kernels: torch.Tensor,
-    offsets_h: torch.Tensor,
-    offsets_v: torch.Tensor,
+    offsets_h: torch.Tensor | None,
+    offsets_v: torch.Tensor | None,
     scale: int,
 ) -> None:
     if hr.dim() != 4 or kernels.dim() != 4:
         raise ValueError("hr and kernels must be 4-D (B x C x H x W, B x k*k x h x w)")
-    if offsets_h.shape != kernels.shape or offsets_v.shape != kernels.shape:
+    if (offsets_h is None) != (offsets_v is None):
+        raise ValueError("give both offsets or neither")
+    if (
+        offsets_h is not None
+        and offsets_v is not None
+        and (offsets_h.shape != kernels.shape or offsets_v.shape != kernels.shape)
+    ):
         raise ValueError(
             f"kernels {tuple(kernels.shape)}, offsets_h {tuple(offsets_h.shape)} and "
             f"offsets_v {tuple(offsets_v.shape)} must have the same shape"
@@ -75,7 +81,7 @@ def _check_args(
             f"hr is {hh}x{ww} but kernels are {h}x{w}: at scale {scale} hr must be "
             f"{h * scale}x{w * scale} (pad the image to a multiple of the scale first)"
         )
-    devices = {t.device for t in (hr, kernels, offsets_h, offsets_v)}
+    devices = {t.device for t in (hr, kernels, offsets_h, offsets_v) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
@@ -83,8 +89,8 @@ def _check_args(
 def resample(
     hr: torch.Tensor,
     kernels: torch.Tensor,
-    offsets_h: torch.Tensor,
-    offsets_v: torch.Tensor,
+    offsets_h: torch.Tensor | None,
+    offsets_v: torch.Tensor | None,
     scale: int,
 ) -> torch.Tensor:
     """Downscale ``hr`` (B x C x H x W) with per-pixel kernels and tap offsets.
@@ -92,7 +98,9 @@ def resample(
     ``kernels``, ``offsets_h`` (horizontal, dX) and ``offsets_v`` (vertical, dY)
     are B x k*k x H/s x W/s; offsets are in LR pixels. The same kernels apply
     to every channel. Returns B x C x H/s x W/s. Differentiable w.r.t. all
-    tensor inputs.
+    tensor inputs. Offsets None (both): all zero, the op's cheaper fixed-tap path.
     """
     _check_args(hr, kernels, offsets_h, offsets_v, scale)
+    if offsets_h is None or offsets_v is None:  # a resampler without offsets: fixed taps
+        return resample_fixed(hr, kernels, scale)
     return backend_for(hr).fn(hr, kernels, offsets_h, offsets_v, scale)

@@ -17,6 +17,7 @@ stacked, the product is out of place), so training uses it too.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from carcli.ops.reference import kernel_size_of, reflect_pad, row_bands, sample_taps
 
@@ -81,3 +82,41 @@ def resample_torch(
     if out is not None:
         return out
     return bands[0] if len(bands) == 1 else torch.cat(bands, dim=2)
+
+
+def resample_fixed(hr: torch.Tensor, kernels: torch.Tensor, scale: int) -> torch.Tensor:
+    """:func:`resample_torch` with all offsets zero: each tap at its fixed place.
+
+    Tap (u, v) of LR pixel (i, j) then samples the padded image at
+    (i * s + (s - 1) / 2 + u, j * s + (s - 1) / 2 + v): for an even scale the mean of
+    the 2 x 2 pixels around that point, for an odd one the pixel itself. So the op is
+    one 2 x 2 mean of the image and k*k strided multiply-adds, no sampling grid.
+    """
+    b, c = hr.shape[:2]
+    taps, h, w = kernels.shape[1:]
+    k = kernel_size_of(taps)
+    src = reflect_pad(hr, k // 2)
+    if scale % 2 == 0:
+        src = F.avg_pool2d(src, 2, stride=1)
+    first = (scale - 1) // 2
+    kernels = kernels.to(hr.dtype)
+    if _needs_grad(hr, kernels):
+        # One unfold (its backward is one fold): 169 small products would make as many
+        # autograd nodes, slower than the grid op in training.
+        window = src[..., first : first + (h - 1) * scale + k, first : first + (w - 1) * scale + k]
+        cols = F.unfold(window, k, stride=scale).view(b, c, taps, h, w)
+        return (cols * kernels.unsqueeze(1)).sum(dim=2)
+    # The s x s phases of the image, each contiguous: a tap reads a plain window of one.
+    phases = [
+        [src[:, :, p::scale, q::scale].contiguous() for q in range(scale)] for p in range(scale)
+    ]
+    out = hr.new_zeros(b, c, h, w)
+    for u in range(k):
+        y = first + u
+        for v in range(k):
+            x = first + v
+            window = phases[y % scale][x % scale][
+                :, :, y // scale : y // scale + h, x // scale : x // scale + w
+            ]
+            out.addcmul_(window, kernels[:, u * k + v].unsqueeze(1))
+    return out

@@ -160,7 +160,10 @@ def training_losses(
     # normalisation, and EDSR's first and last convs (SRNetwork.forward_mixed).
     with grad, autocast(device, cfg.precision):
         kernels, offsets_h, offsets_v = model.resampler(hr)
-    kernels, offsets_h, offsets_v = kernels.float(), offsets_h.float(), offsets_v.float()
+    kernels = kernels.float()
+    has_offsets = offsets_h is not None and offsets_v is not None
+    if offsets_h is not None and offsets_v is not None:
+        offsets_h, offsets_v = offsets_h.float(), offsets_v.float()
     lr = resample(hr, kernels, offsets_h, offsets_v, model.scale)
     lr_q = quantize_for_training(lr, cfg.quant_grad, cfg.soft_alpha)
     if cfg.channels_last:
@@ -183,6 +186,9 @@ def training_losses(
         # SR-output losses reach only through the SR network and the 8-bit rounding.
         losses["lr"] = F.l1_loss(lr, teacher_lr)
         total = total + cfg.lr_weight * losses["lr"]
+    if not has_offsets:  # a resampler without offsets: their regularisers have nothing to do
+        losses["total"] = total
+        return losses
     if cfg.offset_weight > 0:
         losses["offset"] = offset_loss(offsets_h, offsets_v)
         total = total + cfg.offset_weight * losses["offset"]
@@ -395,10 +401,15 @@ class Trainer:
             self.model.resampler, student.resampler, (probe.batch(16) for _ in range(batches))
         )
         sr = "its SR network kept" if want.sr == self.model.config.sr else "a new SR network"
+        if fit.pixels == 0:
+            how = "the kernel head copied, no offsets"
+        else:
+            how = f"fitted on {fit.pixels} LR pixels: R^2 kernels {fit.kernels_r2:.3f}"
+            how += (
+                f", offsets {fit.offsets_r2:.3f}" if fit.offsets_r2 is not None else ", no offsets"
+            )
         self._say(
-            f"note: resampler grafted onto one shared head for config {want.name} "
-            f"(fitted on {fit.pixels} LR pixels: R^2 kernels {fit.kernels_r2:.3f}, "
-            f"offsets {fit.offsets_r2:.3f}); {sr}"
+            f"note: resampler grafted onto one shared head for config {want.name} ({how}); {sr}"
         )
         self.model = student
 
