@@ -57,6 +57,7 @@ def test_gpu_burst_dry_run_on_the_cpu_writes_small_v2_checkpoints(
         # both start from the shipped pair; cheap grafts its resampler onto one shared head
         assert resampler.head == ("shared" if design == "cheap" else "separate")
         assert resampler.head_kernel == 3
+        assert resampler.offsets == (design == "fast" or scale == 2)
         assert Path(meta["recipe"]["init"]).name == f"car_x{scale}.safetensors"
         # the student's SR network started from the bundled generic upscaler's
         assert Path(meta["recipe"]["init_sr"]).name == f"car_generic_x{scale}.safetensors"
