@@ -104,3 +104,20 @@ def test_cli_usage_errors(
     result = car("export-onnx", tmp_path, "-s", "4", "-w", tiny_weights)
     assert result.exit_code == 2 and "carcli[onnx]" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_resampler_without_offsets_exports_with_its_fixed_tap_op(tmp_path: Path) -> None:
+    """offsets: false takes the op's fixed-tap path, which must export as well."""
+    _needs_onnx()
+    from dataclasses import replace
+
+    from carcli.export_onnx import export_onnx
+    from carcli.models import CARModel, preset
+
+    torch.manual_seed(41)
+    tiny = preset("tiny", 4)
+    config = replace(tiny, resampler=replace(tiny.resampler, head="shared", offsets=False))
+    results = export_onnx(CARModel(config).eval(), tmp_path, tile=64)
+    for entry in results:  # export_onnx's own check against PyTorch
+        print(f"{entry.network}: max |diff| {entry.max_abs_error:.3g}, mismatch {entry.mismatch}")
+        assert entry.max_abs_error is not None and entry.max_abs_error <= 1 / 255 + 1e-6
