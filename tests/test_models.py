@@ -162,6 +162,31 @@ def test_deepened_edsr_computes_the_same_then_learns_with_its_new_blocks(scale):
         deepened(model, 1)
 
 
+@pytest.mark.parametrize("scale", [2, 4])
+def test_deepened_rep_computes_the_same_then_learns_with_its_new_layers(scale):
+    """rep grows by layers whose conv branches are zero and whose PReLU has slope 1."""
+    rep = SRConfig(arch="rep", features=16, blocks=2, res_scale=1.0)
+    model = CARModel(replace(preset("tiny", scale), sr=rep))
+    for p in model.parameters():  # a "trained" pair: no zero weights anywhere
+        p.data.add_(0.05 * torch.randn_like(p))
+    for train_mode in (False, True):  # fused (inference) and branch (training) forms
+        model.train(train_mode)
+        grown = deepened(model, 5, name="rep-deep")
+        assert grown.config.sr.blocks == 5 and grown.config.sr.arch == "rep"
+        assert grown.training == train_mode
+        x = torch.rand(2, 3, 19, 26)
+        with torch.no_grad():
+            lr = quantize(model.eval().downscale(x))
+            model.train(train_mode)
+            torch.testing.assert_close(grown.upscale(lr), model.upscale(lr), rtol=0, atol=1e-6)
+    assert model.config.sr.blocks == 2  # the original is left alone
+    grown.train().upscale(lr).square().mean().backward()
+    new_conv = grown.sr.body[8].conv3.weight  # the last added layer: zero, receives gradient
+    assert new_conv.grad is not None and new_conv.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot deepen"):
+        deepened(model, 1)
+
+
 # --------------------------------------------------------------------------- SR registry
 
 

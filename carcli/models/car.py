@@ -113,22 +113,34 @@ def _learned_parameters(module: nn.Module) -> int:
 
 
 def deepened(model: CARModel, blocks: int, name: str | None = None) -> CARModel:
-    """A copy whose EDSR has ``blocks`` residual blocks, computing exactly the same function.
+    """A copy whose SR network has ``blocks`` blocks, computing exactly the same function.
 
     Growing a trained pair is cheaper than training a deeper one from scratch: the
-    added blocks go last in the body with their second convolution zeroed, so each
-    starts as an identity (``x + 0``) and training then puts the new capacity to use.
+    added blocks go last in the body and start as identities, and training then puts
+    the new capacity to use. EDSR: a residual block whose second conv is zero (``x + 0``).
+    ``rep``: a layer whose 3x3 and 1x1 branches are zero (its identity branch remains)
+    followed by a PReLU of slope 1.
     """
-    if model.config.sr.arch != "edsr":
-        raise ValueError(f"only EDSR can be deepened, not {model.config.sr.arch!r}")
+    arch = model.config.sr.arch
+    if arch not in ("edsr", "rep"):
+        raise ValueError(f"only EDSR and rep can be deepened, not {arch!r}")
     old = model.config.sr.blocks
     if blocks < old:
-        raise ValueError(f"cannot deepen EDSR from {old} to {blocks} blocks")
+        raise ValueError(f"cannot deepen the SR network from {old} to {blocks} blocks")
     config = replace(
         model.config, sr=replace(model.config.sr, blocks=blocks), name=name or model.config.name
     )
     grown = CARModel(config).to(next(model.parameters()).device)
     state = grown.state_dict()
+    if arch == "rep":
+        state.update(model.state_dict())
+        for i in range(old, blocks):
+            for branch in ("conv3", "conv1"):
+                state[f"sr.body.{2 * i}.{branch}.weight"].zero_()
+                state[f"sr.body.{2 * i}.{branch}.bias"].zero_()
+            state[f"sr.body.{2 * i + 1}.weight"].fill_(1.0)  # PReLU slope 1: the identity
+        grown.load_state_dict(state)
+        return grown.train(model.training)
     tail_conv = f"sr.body.{old}."  # the body's closing conv moves behind the new blocks
     for key, value in model.state_dict().items():
         if key.startswith(tail_conv):

@@ -202,6 +202,12 @@ SCALED_PRESETS: dict[str, tuple[ResamplerConfig, dict[int, SRConfig]]] = {
     "fast-lite-1x1": (replace(_COMPACT_RESAMPLER, head="shared", head_kernel=1), _FAST_SR),
     # ... making kernels only (no offsets): what the 4x pairs learn anyway, at less cost
     "fast-lite-no-offsets": (replace(_COMPACT_RESAMPLER, head="shared", offsets=False), _FAST_SR),
+    # ... with a deeper rep network (24 / 16 convs): the 4x speed room spent on the SR network;
+    # grown from a trained fast-lite-no-offsets pair with --init (see models.car.deepened)
+    "fast-lite-no-offsets-deep": (
+        replace(_COMPACT_RESAMPLER, head="shared", offsets=False),
+        {2: replace(_FAST_SR[2], blocks=16), 4: replace(_FAST_SR[4], blocks=24)},
+    ),
 }
 
 

@@ -37,6 +37,8 @@ RECONSTRUCTION_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}  # by TrainConfig.l
 assert tuple(RECONSTRUCTION_LOSSES) == LOSSES
 
 
+_ARCH_NAMES = {"edsr": "EDSR", "rep": "the rep SR network"}
+
 # LR pixels a graft fits the shared head on (its conv has at most 577 inputs per output)
 _GRAFT_PIXELS = 400_000
 
@@ -362,7 +364,7 @@ class Trainer:
         self._say(f"note: the SR network starts from {path.name}'s")
 
     def _grow_to_preset(self, name: str) -> None:
-        """With --init and a --config that only has more EDSR blocks: deepen the pair to it."""
+        """With --init and a --config that only has more SR blocks: deepen the pair to it."""
         have = self.model.config
         if name in ("from-init", have.name):
             return
@@ -371,7 +373,8 @@ class Trainer:
         if want.resampler == have.resampler and same_widths and want.sr.blocks > have.sr.blocks:
             self.model = deepened(self.model, want.sr.blocks, name=name)
             self._say(
-                f"note: EDSR deepened from {have.sr.blocks} to {want.sr.blocks} blocks "
+                f"note: {_ARCH_NAMES.get(have.sr.arch, have.sr.arch)} deepened from "
+                f"{have.sr.blocks} to {want.sr.blocks} blocks "
                 f"for config {name}; the new blocks start as identities"
             )
         elif want.resampler == have.resampler and want.sr != have.sr:
