@@ -126,8 +126,9 @@ def train(
             help="Network preset: fast (re-parameterisable SR network), fast-r2/fast-r4 (its "
             "resampler 2x/4x wider), fast-lite (one shared resampler head), fast-lite-1x1 (that "
             "head ending in a 1x1 conv), fast-lite-no-offsets (kernels only, taps at fixed "
-            "places), compact, compact-deep (EDSR 24 blocks), paper, tiny. With --init, a preset "
-            "that only adds EDSR blocks grows the checkpoint's pair to it; one with the same "
+            "places), fast-lite-no-offsets-deep (its rep network deeper), compact, compact-deep "
+            "(EDSR 24 blocks), paper, tiny. With --init, a preset that only adds SR blocks "
+            "grows the checkpoint's pair to it; one with the same "
             "resampler and another SR network keeps the resampler, new SR network; a fast-lite "
             "preset grafts the pair's resampler onto its shared head.",
         ),
