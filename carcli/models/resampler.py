@@ -129,11 +129,8 @@ class ResamplerNet(nn.Module):
         x = self.ds_8(x)
         if self.shared and not self.offsets:
             raw = self.head(self.trunk(x)).float()
-            return (
-                (_normalize_in_place(raw) if _inference(raw) else normalize_kernels(raw)),
-                None,
-                None,
-            )
+            kernels = _normalize_in_place(raw) if _inference(raw) else normalize_kernels(raw)
+            return kernels, None, None
         if self.shared:
             raw, offsets_h, offsets_v = self.head(self.trunk(x)).split(self.taps, dim=1)
             if _inference(raw):
