@@ -82,16 +82,16 @@ train_one() {
     # fast: the student's resampler starts as the shipped one. cheap: a shared-head
     # resampler grafted from the shipped one (4x: without offsets, which the 4x pair
     # does not use).
-    local name="${BURST_DESIGN:-fast}" design=()
+    local name="${BURST_DESIGN:-fast}" config=fast
     local run="${BURST_RUNS:-runs}/burst-x$scale"
     if [ "$name" = cheap ]; then
         run="$run-cheap"
-        design=(--init "$WEIGHTS/car_x$scale.safetensors" --config fast-lite)
-        [ "$scale" = 4 ] && design[3]=fast-lite-no-offsets
+        config=fast-lite
+        [ "$scale" = 4 ] && config=fast-lite-no-offsets
     else
         name=fast
-        design=(--init "$WEIGHTS/car_x$scale.safetensors" --config fast)
     fi
+    local design=(--init "$WEIGHTS/car_x$scale.safetensors" --config "$config")
     local budget=()
     if [ -n "${BURST_STEPS:-}" ]; then
         budget=(--steps "$BURST_STEPS")

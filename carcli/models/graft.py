@@ -93,7 +93,7 @@ def graft_shared_head(
         ["offsets_h", "offsets_v"] if target.offsets else []
     )
     if not fitted:  # kernels only, copied: nothing to fit
-        target.head[-1].load_state_dict(source.kernels_weight[-1].state_dict())
+        last.load_state_dict(source.kernels_weight[-1].state_dict())
         return GraftFit(0, 1.0, None)
 
     seen: dict[str, torch.Tensor] = {}

@@ -77,6 +77,11 @@ def _inference(t: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and t.requires_grad)
 
 
+def _normalized(raw: torch.Tensor) -> torch.Tensor:
+    """Convex kernels from float32 raw ones: in place without autograd."""
+    return _normalize_in_place(raw) if _inference(raw) else normalize_kernels(raw)
+
+
 def cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
     """Keys' cubic convolution kernel (a = -0.5, as MATLAB's imresize)."""
     x = x.abs()
@@ -128,9 +133,7 @@ class ResamplerNet(nn.Module):
         x = x + self.res_4(x)
         x = self.ds_8(x)
         if self.shared and not self.offsets:
-            raw = self.head(self.trunk(x)).float()
-            kernels = _normalize_in_place(raw) if _inference(raw) else normalize_kernels(raw)
-            return kernels, None, None
+            return _normalized(self.head(self.trunk(x)).float()), None, None
         if self.shared:
             raw, offsets_h, offsets_v = self.head(self.trunk(x)).split(self.taps, dim=1)
             if _inference(raw):
@@ -145,8 +148,7 @@ class ResamplerNet(nn.Module):
         # rounds differently with the reduction's split over threads, i.e. with the tile
         # size (measured on a 4x model: 14 % of LR pixels moved by a level against fp32
         # and 0.2 % between tile sizes; in float32, 0.4 % and 0.02 %).
-        raw = self.kernels_weight(k).float()
-        kernels = _normalize_in_place(raw) if _inference(raw) else normalize_kernels(raw)
+        kernels = _normalized(self.kernels_weight(k).float())
         if not self.offsets:
             return kernels, None, None
         o = self.offsets_trunk(x)

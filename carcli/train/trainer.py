@@ -164,7 +164,7 @@ def training_losses(
         kernels, offsets_h, offsets_v = model.resampler(hr)
     kernels = kernels.float()
     has_offsets = offsets_h is not None and offsets_v is not None
-    if offsets_h is not None and offsets_v is not None:
+    if has_offsets:
         offsets_h, offsets_v = offsets_h.float(), offsets_v.float()
     lr = resample(hr, kernels, offsets_h, offsets_v, model.scale)
     lr_q = quantize_for_training(lr, cfg.quant_grad, cfg.soft_alpha)
@@ -393,7 +393,8 @@ class Trainer:
     def _graft(self, want: CARConfig) -> None:
         """Start a shared-head resampler as the init pair's two-branch one (models.graft)."""
         student = CARModel(want)
-        if want.sr == self.model.config.sr:
+        keep_sr = want.sr == self.model.config.sr
+        if keep_sr:
             student.sr.load_state_dict(self.model.sr.state_dict())
         # the training crops with a stream of their own: training's is untouched
         probe = copy.copy(self._training_crops())
@@ -403,7 +404,7 @@ class Trainer:
         fit = graft_shared_head(
             self.model.resampler, student.resampler, (probe.batch(16) for _ in range(batches))
         )
-        sr = "its SR network kept" if want.sr == self.model.config.sr else "a new SR network"
+        sr = "its SR network kept" if keep_sr else "a new SR network"
         if fit.pixels == 0:
             how = "the kernel head copied, no offsets"
         else:
