@@ -41,6 +41,7 @@ from torch import nn
 
 from carcli.models import CARModel
 from carcli.models.resampler import SIZE_MULTIPLE
+from carcli.models.sr import Edges
 from carcli.ops.reference import DEFAULT_CHUNK_BYTES
 from carcli.runpolicy import default_budget, resolve_precision
 
@@ -97,7 +98,8 @@ class Footprint:
         sr = model.sr
         feats: list[torch.Tensor] = []
         body = _peak_elements([sr], lambda: feats.append(sr.features(lr)))
-        up = _peak_elements([sr], lambda: sr.reconstruct(feats[0]))
+        # Inside the image: along its own edges a network may add thin strips (FusedTail).
+        up = _peak_elements([sr], lambda: sr.reconstruct(feats[0], edges=(False,) * 4))
         per = lambda n, px: SAFETY * size * n / px  # noqa: E731
         s, taps = model.scale, model.config.kernel_size**2
         # The resampler's three outputs (kernels, dX, dY: k*k values per LR pixel)
@@ -282,10 +284,10 @@ class TiledModel:
             lambda t: self._upscale(lr, size, t), tile, "up", lr.shape[0], MIN_UP_TILE_LR * s
         )
 
-    def _upscale_tail(self, feats: torch.Tensor) -> torch.Tensor:
+    def _upscale_tail(self, feats: torch.Tensor, edges: Edges) -> torch.Tensor:
         def run(precision: str) -> torch.Tensor:
             x = feats if precision == self.precision else feats.float()
-            return self.model.sr.reconstruct(x, precision)
+            return self.model.sr.reconstruct(x, precision, edges)
 
         return self._checked(run)
 
@@ -316,7 +318,10 @@ class TiledModel:
                 gx0, gx1 = cols.start + icols.start, cols.start + icols.stop
                 ry0, rx0 = max(fy0, gy0 - mu), max(fx0, gx0 - mu)
                 ry1, rx1 = min(fy1, gy1 + mu), min(fx1, gx1 + mu)
-                hr = self._upscale_tail(feats[..., ry0 - fy0 : ry1 - fy0, rx0 - fx0 : rx1 - fx0])
+                edges = (ry0 == 0, ry1 == h, rx0 == 0, rx1 == w)
+                hr = self._upscale_tail(
+                    feats[..., ry0 - fy0 : ry1 - fy0, rx0 - fx0 : rx1 - fx0], edges
+                )
                 oy0, ox0 = gy0 * s, gx0 * s
                 oy1, ox1 = min(gy1 * s, big), min(gx1 * s, bw)
                 piece = hr[..., oy0 - ry0 * s : oy1 - ry0 * s, ox0 - rx0 * s : ox1 - rx0 * s]

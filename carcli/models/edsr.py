@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from carcli.models.config import CARConfig
 from carcli.models.layers import MeanShift
 from carcli.models.precision import autocast
-from carcli.models.sr import SRNetwork, float_head_then_body, register_sr
+from carcli.models.sr import ALL_EDGES, Edges, SRNetwork, float_head_then_body, register_sr
 
 
 def conv3(cin: int, cout: int) -> nn.Conv2d:
@@ -40,6 +42,92 @@ class Upsampler(nn.Sequential):
         super().__init__(*layers)
 
 
+class FusedTail(nn.Module):
+    """EDSR's upsampler and last conv run as one conv at LR resolution, for inference.
+
+    Every layer there (a conv and a pixel shuffle per factor 2, then the conv to RGB) is
+    linear, so together they are one linear map from the body's features to RGB, which
+    reaches ``REACH`` LR pixels: a 5 x 5 conv to ``3 * s**2`` channels at LR, then a pixel
+    shuffle. At 4x that is 4.8k multiply-adds per HR pixel instead of 48k, and the
+    64-channel tensors at 2x and 4x the LR size are never made. The layers pad every
+    resolution with zeros, the fused conv only the LR one, so the two differ in the
+    ``BAND`` LR pixels along the input's edges. Along the image's own edges that band is
+    recomputed by the layers on strips ``STRIP`` pixels deep, so the output equals the
+    layers' (to float32 rounding); along a tile's cut edges the caller crops it anyway.
+    Holds no parameters: the fused weights are derived from the tail's, again whenever
+    those change, move or are cast.
+    """
+
+    REACH = 2  # LR pixels the tail reads around an output pixel (EDSR.stage_margins)
+    BAND = 1  # LR pixels along an edge where the layers' zero padding makes a difference
+    STRIP = 3  # input depth from which the layers give that band exactly (tests prove both)
+
+    def __init__(self, tail: nn.Sequential, scale: int) -> None:
+        super().__init__()
+        self.scale = scale
+        self._layers = [tail]  # a plain list: not a submodule, so no second set of weights
+        self._cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def layers(self) -> nn.Sequential:
+        return self._layers[0]
+
+    @torch.no_grad()
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight 3s^2 x F x 5 x 5, bias 3s^2) of the equivalent LR conv, from impulse responses.
+
+        In float64 on an LR grid wide enough that no response meets its edges: feature
+        channel c set to 1 at the centre gives, at LR offset (dy, dx) from it, the tap
+        ``(REACH - dy, REACH - dx)`` of input c for every output channel.
+        """
+        layers, s, r = self.layers, self.scale, self.REACH
+        features = next(layers.parameters()).shape[1]
+        probe = copy.deepcopy(layers).to("cpu", torch.float64)
+        side = 4 * r + 3
+        c = side // 2
+        impulses = torch.zeros(features, features, side, side, dtype=torch.float64)
+        impulses[torch.arange(features), torch.arange(features), c, c] = 1.0
+        base = probe(torch.zeros(1, features, side, side, dtype=torch.float64))
+        response = F.pixel_unshuffle(probe(impulses) - base, s)  # F x 3s^2 x side x side
+        window = response[:, :, c - r : c + r + 1, c - r : c + r + 1]
+        weight = window.flip(-1, -2).transpose(0, 1).contiguous()
+        return weight, F.pixel_unshuffle(base, s)[0, :, c, c].contiguous()
+
+    def _weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        params = list(self.layers.parameters())
+        key = (like.device, *(p._version for p in params), *(p.data_ptr() for p in params))
+        if self._cache is None or self._cache[0] != key:
+            weight, bias = self.fused()
+            f32 = {"device": like.device, "dtype": torch.float32}
+            self._cache = (key, weight.to(**f32), bias.to(**f32))
+        return self._cache[1], self._cache[2]
+
+    def forward(self, feats: torch.Tensor, edges: Edges = ALL_EDGES) -> torch.Tensor:
+        """Body features (any float type) -> float32 RGB: ``layers(feats.float())``.
+
+        ``edges`` (top, bottom, left, right): which sides of ``feats`` are the image's own
+        edges; along the others the band may differ from the layers' (a tile's cut edges).
+        """
+        x = feats.float()
+        h, w = x.shape[-2:]
+        n, s = self.STRIP, self.scale
+        if min(h, w) < 2 * n:
+            return self.layers(x)
+        weight, bias = self._weights(x)
+        out = F.pixel_shuffle(F.conv2d(x, weight, bias, padding=self.REACH), s)
+        band = s * self.BAND
+        top, bottom, left, right = edges
+        if top:
+            out[..., :band, :] = self.layers(x[..., :n, :])[..., :band, :]
+        if bottom:
+            out[..., -band:, :] = self.layers(x[..., -n:, :])[..., -band:, :]
+        if left:
+            out[..., :, :band] = self.layers(x[..., :, :n])[..., :, :band]
+        if right:
+            out[..., :, -band:] = self.layers(x[..., :, -n:])[..., :, -band:]
+        return out
+
+
 class EDSR(SRNetwork):
     def __init__(self, config: CARConfig) -> None:
         super().__init__()
@@ -53,12 +141,22 @@ class EDSR(SRNetwork):
             *[ResBlock(f, config.sr.res_scale) for _ in range(n)], conv3(f, f)
         )
         self.tail = nn.Sequential(Upsampler(f, config.scale), conv3(f, 3))
+        self.fused_tail = FusedTail(self.tail, config.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1], any size -> RGB (unclamped) at ``scale`` times the size."""
         x = self.head(self.sub_mean(x))
         x = x + self.body(x)
-        return self.add_mean(self.tail(x))
+        return self.add_mean(self.fused_tail(x) if self._fused_ok() else self.tail(x))
+
+    def _fused_ok(self) -> bool:
+        """Inference that needs no gradient for the tail's weights, and no graph export
+        (an exported graph keeps the layers: it must hold for every input size)."""
+        if self.training or torch.compiler.is_exporting():
+            return False
+        return not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in self.tail.parameters())
+        )
 
     def stage_margins(self) -> tuple[int, int]:
         """(body, upsampler) LR pixels of context: the 3x3 convs before and after.
@@ -81,13 +179,19 @@ class EDSR(SRNetwork):
         """
         return float_head_then_body(self, lr, precision)
 
-    def reconstruct(self, feats: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    def reconstruct(
+        self, feats: torch.Tensor, precision: str = "fp32", edges: Edges = ALL_EDGES
+    ) -> torch.Tensor:
         """From the body's features to the (unclamped) HR image (as :meth:`forward`).
 
-        The upsampler runs under autocast; the last conv (to RGB) always runs in
-        float32: in bfloat16 its output would carry only 8 significant bits, as
-        coarse as the 8-bit image itself (measured: it is where bf16 lost PSNR).
+        For inference (eval mode, no gradient for the tail's weights) the tail runs as
+        :class:`FusedTail`, in float32. In training the upsampler runs under autocast and
+        the last conv (to RGB) in float32: in bfloat16 its output would carry only 8
+        significant bits, as coarse as the 8-bit image itself (measured: it is where bf16
+        lost PSNR).
         """
+        if self._fused_ok():
+            return self.add_mean(self.fused_tail(feats, edges))
         with autocast(feats.device, precision):
             x = self.tail[:-1](feats)
         return self.add_mean(self.tail[-1](x.float()))

@@ -21,7 +21,7 @@ from torch import nn
 
 from carcli.models.config import CARConfig
 from carcli.models.layers import MeanShift
-from carcli.models.sr import SRNetwork, float_head_then_body, register_sr
+from carcli.models.sr import ALL_EDGES, Edges, SRNetwork, float_head_then_body, register_sr
 
 
 class RepConv3(nn.Module):
@@ -136,7 +136,9 @@ class RepSR(SRNetwork):
         """Head (float32: it reads the 8-bit image) and body with the global skip."""
         return float_head_then_body(self, lr, precision)
 
-    def reconstruct(self, feats: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    def reconstruct(
+        self, feats: torch.Tensor, precision: str = "fp32", edges: Edges = ALL_EDGES
+    ) -> torch.Tensor:
         """The sub-pixel tail in float32: its output is the RGB image itself."""
         return self.add_mean(self.tail(feats.float()))
 

@@ -20,6 +20,10 @@ from carcli.models.precision import autocast
 if TYPE_CHECKING:
     from carcli.models.config import CARConfig
 
+# Which sides of a feature tile (top, bottom, left, right) are the image's own edges.
+Edges = tuple[bool, bool, bool, bool]
+ALL_EDGES: Edges = (True, True, True, True)
+
 
 class SRNetwork(nn.Module):
     """An SR network: 8-bit LR RGB in [0, 1] -> HR RGB (unclamped) at ``scale`` times the size.
@@ -46,8 +50,14 @@ class SRNetwork(nn.Module):
         """First stage, at LR resolution (default: the LR image itself)."""
         return lr
 
-    def reconstruct(self, feats: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-        """Second stage: :meth:`features`' output -> the float32 HR image."""
+    def reconstruct(
+        self, feats: torch.Tensor, precision: str = "fp32", edges: Edges = ALL_EDGES
+    ) -> torch.Tensor:
+        """Second stage: :meth:`features`' output -> the float32 HR image.
+
+        ``edges``: which sides of ``feats`` are the image's own; a network may compute the
+        ``stage_margins()[1]`` pixels along the others differently (the tiler crops them).
+        """
         with autocast(feats.device, precision):
             return self(feats).float()
 
