@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -76,19 +75,20 @@ class FusedTail(nn.Module):
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight 3s^2 x F x 5 x 5, bias 3s^2) of the equivalent LR conv, from impulse responses.
 
-        In float64 on an LR grid wide enough that no response meets its edges: feature
-        channel c set to 1 at the centre gives, at LR offset (dy, dx) from it, the tap
-        ``(REACH - dy, REACH - dx)`` of input c for every output channel.
+        Run through the layers themselves (their device and type: milliseconds) on an LR grid
+        wide enough that no response meets its edges: feature channel c set to 1 at the
+        centre gives, at LR offset (dy, dx) from it, the tap ``(REACH - dy, REACH - dx)`` of
+        input c for every output channel.
         """
         layers, s, r = self.layers, self.scale, self.REACH
-        features = next(layers.parameters()).shape[1]
-        probe = copy.deepcopy(layers).to("cpu", torch.float64)
-        side = 4 * r + 3
+        param = next(layers.parameters())
+        features, like = param.shape[1], {"device": param.device, "dtype": param.dtype}
+        side = 4 * r + 1
         c = side // 2
-        impulses = torch.zeros(features, features, side, side, dtype=torch.float64)
+        impulses = torch.zeros(features, features, side, side, **like)
         impulses[torch.arange(features), torch.arange(features), c, c] = 1.0
-        base = probe(torch.zeros(1, features, side, side, dtype=torch.float64))
-        response = F.pixel_unshuffle(probe(impulses) - base, s)  # F x 3s^2 x side x side
+        base = layers(torch.zeros(1, features, side, side, **like))
+        response = F.pixel_unshuffle(layers(impulses) - base, s)  # F x 3s^2 x side x side
         window = response[:, :, c - r : c + r + 1, c - r : c + r + 1]
         weight = window.flip(-1, -2).transpose(0, 1).contiguous()
         return weight, F.pixel_unshuffle(base, s)[0, :, c, c].contiguous()
