@@ -17,9 +17,12 @@ the region it scores.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from carcli.defaults import REFINE_MAX_CHANGE
 from carcli.models import CARModel
@@ -101,6 +104,20 @@ def refine_tile(
     return result
 
 
+@contextlib.contextmanager
+def weights_frozen(module: nn.Module) -> Iterator[None]:
+    """Gradients for the LR pixels only: autograd then leaves the weights out of the graph,
+    and EDSR can run its tail as one convolution (:class:`carcli.models.edsr.FusedTail`)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def refine(
     model: CARModel,
     lr: torch.Tensor,
@@ -128,7 +145,7 @@ def refine(
     mask[..., : hr.shape[-2], : hr.shape[-1]] = 1.0
     pad = (0, w * s - hr.shape[-1], 0, h * s - hr.shape[-2])
     out = []
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), weights_frozen(model):
         for i in range(b):
             cur = lr[i : i + 1].clone().to(device)
             target = torch.nn.functional.pad(hr[i : i + 1].clone().to(device), pad)

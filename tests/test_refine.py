@@ -145,3 +145,21 @@ def test_refine_runs_in_bfloat16(tiny_model) -> None:
     assert lr.dtype == torch.float32 and lr.shape == lr0.shape
     assert (lr * 255 - lr0 * 255).abs().max() <= 4 + 1e-4
     assert _error(plain, lr, hr) <= _error(plain, lr0, hr)
+
+
+def test_refinement_differentiates_the_pixels_only(tiny_model) -> None:
+    """The weights are frozen while it runs (EDSR then runs its tail as one conv, which
+    must hold after inference-mode passes cached it) and their flags come back."""
+    model = tiny_model(4)
+    hr = _hr(40, 44, seed=3)
+    Processor(model).roundtrip(hr)  # inference mode: caches the fused tail
+    flags = [p.requires_grad for p in model.parameters()]
+    fused_calls = []
+    hook = model.sr.fused_tail.register_forward_hook(lambda *a: fused_calls.append(1))
+    try:
+        lr = Processor(model, refine=2).downscale(hr)
+    finally:
+        hook.remove()
+    assert lr.shape == (3, 10, 11)
+    assert len(fused_calls) >= 3  # every step's forward pass, and the plan's probe
+    assert [p.requires_grad for p in model.parameters()] == flags

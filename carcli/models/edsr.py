@@ -97,7 +97,8 @@ class FusedTail(nn.Module):
         params = list(self.layers.parameters())
         key = (like.device, *(p._version for p in params), *(p.data_ptr() for p in params))
         if self._cache is None or self._cache[0] != key:
-            weight, bias = self.fused()
+            with torch.inference_mode(False):  # normal tensors: refinement backpropagates
+                weight, bias = self.fused()
             f32 = {"device": like.device, "dtype": torch.float32}
             self._cache = (key, weight.to(**f32), bias.to(**f32))
         return self._cache[1], self._cache[2]
