@@ -143,6 +143,23 @@ def test_resume_is_bit_identical(train_dir: Path, tmp_path: Path, precision: str
     assert [r["step"] for r in logs if r["event"] == "train"] == [2, 4, 6]
 
 
+def test_a_run_folder_removed_while_training_is_put_back(train_dir: Path, tmp_path: Path):
+    """Deleting RUN under a running trainer lost the state with a traceback (FileNotFoundError
+    from torch.save); the trainer now recreates it and the run resumes from what it saved."""
+    import shutil
+
+    cfg = _config(train_dir, steps=4)
+    trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    trainer.run(stop_at=2)
+    shutil.rmtree(tmp_path / "run")
+    trainer.run()
+    assert (tmp_path / "run" / "state.pt").is_file()
+    assert (tmp_path / "run" / "log.jsonl").is_file()
+    resumed = Trainer(cfg.resumed(), tmp_path / "run", torch.device("cpu"), quiet=True)
+    resumed.load_state()
+    assert resumed.step == 4
+
+
 def test_sr_pretrain_trains_only_edsr_first(train_dir: Path, tmp_path: Path):
     cfg = _config(train_dir, steps=4, sr_pretrain=2)
     trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)

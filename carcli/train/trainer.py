@@ -455,6 +455,7 @@ class Trainer:
         path = self.run_dir / STATE_NAME
         tmp = path.with_suffix(".tmp")
         try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # removed while running: put back
             torch.save(state, tmp)
             tmp.replace(path)
         except BaseException:
@@ -492,6 +493,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.ranks.main:
             return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / LOG_NAME, "a") as f:
             f.write(json.dumps(record) + "\n")
 
