@@ -126,6 +126,38 @@ def test_train_init_with_a_shared_head_preset_grafts_the_pair(
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
 
 
+def test_a_resumed_graft_run_skips_the_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resuming, the fit (seconds at 2x on real crops) would be overwritten by the state."""
+    rng = np.random.default_rng(SEED)
+    data = tmp_path / "train"
+    data.mkdir()
+    for i in range(2):
+        coarse = (rng.random((10, 12, 3)) * 255).astype(np.uint8)
+        Image.fromarray(coarse).resize((72, 64), Image.BICUBIC).save(data / f"{i}.png")
+    torch.manual_seed(SEED)
+    pair = tmp_path / "compact.safetensors"
+    save_checkpoint(CARModel(preset("compact", 2)).eval(), pair, {})
+    cfg = TrainConfig(
+        scale=2, data=[str(data)], val=[], config="fast-lite", init=str(pair), steps=2, batch=2,
+        patch=32, warmup=0, precision="fp32", channels_last=False, val_every=0, ema=0, seed=SEED,
+    )  # fmt: skip
+    first = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
+    first.run()
+    import carcli.train.trainer as trainer_module
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the graft was fitted again on resume")
+
+    monkeypatch.setattr(trainer_module, "graft_shared_head", no_fit)
+    resumed = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True, resuming=True)
+    resumed.load_state()
+    assert resumed.step == 2
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name].cpu(), value.cpu()), name
+
+
 @pytest.mark.parametrize("head_kernel", [3, 1])
 def test_graft_onto_a_head_without_offsets_keeps_the_kernels(head_kernel: int) -> None:
     """The 4x pairs' offsets are zero anyway: kernels only, copied (3x3) or fitted (1x1)."""

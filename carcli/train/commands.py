@@ -362,8 +362,9 @@ def train(
             )
             display = make_display(quiet)
             trainer = Trainer(
-                cfg, run, dev, evaluate=evaluator, quiet=quiet, display=display, ranks=ranks
-            )
+                cfg, run, dev, evaluate=evaluator, quiet=quiet, display=display, ranks=ranks,
+                resuming=resume,
+            )  # fmt: skip
             if resume:
                 trainer.load_state()
         except BaseException:

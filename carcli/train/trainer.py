@@ -253,8 +253,12 @@ class Trainer:
         quiet: bool = False,
         display: TrainDisplay | None = None,
         ranks: ddp.Ranks | None = None,
+        resuming: bool = False,
     ) -> None:
+        """``resuming``: :meth:`load_state` follows, so starting points that cost time to
+        compute (the graft's fit) are skipped: the saved weights replace them."""
         cfg.check()
+        self.resuming = resuming
         cfg = cfg.resolved(device)
         self.cfg = cfg
         self.ranks = ranks or ddp.Ranks()  # torchrun: see carcli.train.ddp for the rules
@@ -393,6 +397,9 @@ class Trainer:
     def _graft(self, want: CARConfig) -> None:
         """Start a shared-head resampler as the init pair's two-branch one (models.graft)."""
         student = CARModel(want)
+        if self.resuming:
+            self.model = student  # the saved state fills it
+            return
         keep_sr = want.sr == self.model.config.sr
         if keep_sr:
             student.sr.load_state_dict(self.model.sr.state_dict())
