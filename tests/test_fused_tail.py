@@ -85,6 +85,16 @@ def test_cut_edges_differ_only_in_the_band(scale: int) -> None:
             assert_float32_close(out[region], layers[region])
 
 
+def test_a_float64_network_runs_its_fused_tail_in_float64() -> None:
+    net = edsr(2).double()
+    lr = torch.rand(1, 3, 9, 10, dtype=torch.float64)
+    with torch.no_grad():
+        out = net(lr)
+        layers = net.train()(lr)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, layers, rtol=0, atol=1e-12)
+
+
 def test_fused_weights_follow_weight_changes() -> None:
     net = edsr(4)
     feats = torch.randn(1, 8, 9, 10)

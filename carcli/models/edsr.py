@@ -95,12 +95,12 @@ class FusedTail(nn.Module):
 
     def _weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         params = list(self.layers.parameters())
-        key = (like.device, *(p._version for p in params), *(p.data_ptr() for p in params))
+        key = (like.device, like.dtype, *(p._version for p in params))
+        key += tuple(p.data_ptr() for p in params)
         if self._cache is None or self._cache[0] != key:
             with torch.inference_mode(False):  # normal tensors: refinement backpropagates
                 weight, bias = self.fused()
-            f32 = {"device": like.device, "dtype": torch.float32}
-            self._cache = (key, weight.to(**f32), bias.to(**f32))
+            self._cache = (key, weight.to(like), bias.to(like))
         return self._cache[1], self._cache[2]
 
     def forward(self, feats: torch.Tensor, edges: Edges = ALL_EDGES) -> torch.Tensor:
@@ -108,8 +108,10 @@ class FusedTail(nn.Module):
 
         ``edges`` (top, bottom, left, right): which sides of ``feats`` are the image's own
         edges; along the others the band may differ from the layers' (a tile's cut edges).
+        A float64 network (tests, gradient checks) runs in float64.
         """
-        x = feats.float()
+        weights_type = next(self.layers.parameters()).dtype
+        x = feats.to(torch.promote_types(weights_type, torch.float32))
         h, w = x.shape[-2:]
         n, s = self.STRIP, self.scale
         if min(h, w) < 2 * n:
