@@ -95,10 +95,8 @@ def test_only_a_merge_of_the_two_branches_is_grafted() -> None:
         graft_shared_head(_resampler(2), _resampler(2, head="shared"), [])
 
 
-def test_train_init_with_a_shared_head_preset_grafts_the_pair(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`car train --init PAIR --config fast-lite`: starts as the pair's resampler, not bicubic."""
+def _graft_run(tmp_path: Path, steps: int) -> tuple[Path, TrainConfig]:
+    """A random compact pair and a `--config fast-lite --init PAIR` run on three small images."""
     rng = np.random.default_rng(SEED)
     data = tmp_path / "train"
     data.mkdir()
@@ -109,9 +107,18 @@ def test_train_init_with_a_shared_head_preset_grafts_the_pair(
     pair = tmp_path / "compact.safetensors"
     save_checkpoint(CARModel(preset("compact", 2)).eval(), pair, {})
     cfg = TrainConfig(
-        scale=2, data=[str(data)], val=[], config="fast-lite", init=str(pair), steps=1, batch=2,
-        patch=32, warmup=0, precision="fp32", channels_last=False, val_every=0, ema=0, seed=SEED,
+        scale=2, data=[str(data)], val=[], config="fast-lite", init=str(pair), steps=steps,
+        batch=2, patch=32, warmup=0, precision="fp32", channels_last=False, val_every=0, ema=0,
+        seed=SEED,
     )  # fmt: skip
+    return pair, cfg
+
+
+def test_train_init_with_a_shared_head_preset_grafts_the_pair(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`car train --init PAIR --config fast-lite`: starts as the pair's resampler, not bicubic."""
+    pair, cfg = _graft_run(tmp_path, steps=1)
     trainer = Trainer(cfg, tmp_path / "run", torch.device("cpu"))
     note = capsys.readouterr().err
     assert "resampler grafted onto one shared head for config fast-lite" in note
@@ -130,19 +137,7 @@ def test_a_resumed_graft_run_skips_the_fit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Resuming, the fit (seconds at 2x on real crops) would be overwritten by the state."""
-    rng = np.random.default_rng(SEED)
-    data = tmp_path / "train"
-    data.mkdir()
-    for i in range(2):
-        coarse = (rng.random((10, 12, 3)) * 255).astype(np.uint8)
-        Image.fromarray(coarse).resize((72, 64), Image.BICUBIC).save(data / f"{i}.png")
-    torch.manual_seed(SEED)
-    pair = tmp_path / "compact.safetensors"
-    save_checkpoint(CARModel(preset("compact", 2)).eval(), pair, {})
-    cfg = TrainConfig(
-        scale=2, data=[str(data)], val=[], config="fast-lite", init=str(pair), steps=2, batch=2,
-        patch=32, warmup=0, precision="fp32", channels_last=False, val_every=0, ema=0, seed=SEED,
-    )  # fmt: skip
+    _, cfg = _graft_run(tmp_path, steps=2)
     first = Trainer(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
     first.run()
     import carcli.train.trainer as trainer_module
