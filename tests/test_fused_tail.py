@@ -146,3 +146,14 @@ def test_tiled_edsr_upscale_equals_the_layers(scale: int) -> None:
         for tile in (8 * scale, 16 * scale, 64 * scale):
             tiled = TiledModel(model).upscale(lr, size=None, tile=tile)
             torch.testing.assert_close(tiled, whole, rtol=0, atol=atol)
+
+
+def test_the_memory_probe_does_not_count_the_derivation() -> None:
+    """The first use derives the fused weights from a 64-image probe; the tiler sizes its
+    tiles from forward hooks, so that probe made the first plan's upscale tiles tiny."""
+    from carcli.tiler import Footprint
+
+    model = CARModel(preset("compact", 2)).eval()
+    first = Footprint.measure(model, torch.device("cpu"), "fp32")
+    assert Footprint.measure(model, torch.device("cpu"), "fp32") == first
+    assert first.sr_up < 1000  # bytes per LR pixel: features in, RGB out (82944 with it)
