@@ -9,6 +9,7 @@ from carcli.models.config import CARConfig
 from carcli.models.layers import (
     DownsampleBlock,
     MeanShift,
+    ReflectSequential,
     ResidualBlock,
     UpsampleBlock,
     reflect_conv3,
@@ -26,7 +27,7 @@ def _trunk(width: int, convs: int, factor: int) -> nn.Sequential:
         layers += [*reflect_conv3(width, width), nn.ReLU()]
     layers.append(UpsampleBlock(width, factor))
     layers += [*reflect_conv3(width, width), nn.ReLU()]
-    return nn.Sequential(*layers)
+    return ReflectSequential(*layers)
 
 
 def _head(width: int, taps: int, tanh: bool, last_kernel: int = 3) -> nn.Sequential:
@@ -34,7 +35,7 @@ def _head(width: int, taps: int, tanh: bool, last_kernel: int = 3) -> nn.Sequent
     layers = [*reflect_conv3(width, width), nn.ReLU(), *last]
     if tanh:
         layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
+    return ReflectSequential(*layers)
 
 
 class ClampTowardRange(torch.autograd.Function):
