@@ -81,13 +81,24 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+
 # Large CPU tensors on transparent huge pages. Each layer's output on a large tile is a fresh
 # block of tens of MB, which the C library maps from the kernel 4 KB page by page: on a
 # 2-core CPU the EDSR body ran at 5.3 us per LR pixel on a 700 x 700 tile and at 3.0 with
 # huge pages (2.6 on 256 x 256 tiles); a 2 MP photo's 2x upscale took 1.7 s instead of 2.8. PyTorch
 # reads the variable once, at its first allocation, hence here, before carcli imports torch.
-# A value the user set wins (THP_MEM_ALLOC_ENABLE=0 turns it off).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# A value the user set wins (THP_MEM_ALLOC_ENABLE=0 turns it off). Only where the kernel
+# offers huge pages: elsewhere PyTorch's request fails and it would print a warning.
+def _kernel_offers_huge_pages() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+if _kernel_offers_huge_pages():
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 try:
     __version__ = version("carcli")
