@@ -57,6 +57,12 @@ def slow_resample(hr, kernels, dx, dy, s):
     return torch.from_numpy(out)
 
 
+@pytest.fixture
+def gen(seed: int) -> torch.Generator:
+    """The test's random stream, from conftest's printed, replayable seed."""
+    return torch.Generator().manual_seed(seed)
+
+
 def _random_inputs(gen, b, c, h, w, s, k, offset_scale=1.0, dtype=torch.float64):
     hr = torch.rand(b, c, h * s, w * s, generator=gen, dtype=dtype)
     kern = torch.rand(b, k * k, h, w, generator=gen, dtype=dtype)
@@ -71,11 +77,8 @@ def _random_inputs(gen, b, c, h, w, s, k, offset_scale=1.0, dtype=torch.float64)
     "scale,h,w,offset_scale",
     [(2, 5, 4, 1.0), (2, 3, 7, 3.0), (4, 3, 4, 1.0), (4, 2, 3, 4.0)],
 )
-def test_matches_per_pixel_loop(scale, h, w, offset_scale, autograd):
+def test_matches_per_pixel_loop(scale, h, w, offset_scale, autograd, gen):
     """Both paths of the op `car` runs (in place without autograd, out of place with it)."""
-    seed = torch.seed() % 2**31
-    print(f"seed {seed}")
-    gen = torch.Generator().manual_seed(seed)
     k = 3 * scale + 1
     hr, kern, dx, dy = _random_inputs(gen, 2, 3, h, w, scale, k, offset_scale)
     expected = slow_resample(hr, kern, dx, dy, scale)
@@ -85,8 +88,7 @@ def test_matches_per_pixel_loop(scale, h, w, offset_scale, autograd):
     torch.testing.assert_close(resample_reference(hr, kern, dx, dy, scale).detach(), expected)
 
 
-def test_offsets_reaching_past_the_padded_border_clamp():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_offsets_reaching_past_the_padded_border_clamp(gen):
     hr, kern, dx, dy = _random_inputs(gen, 1, 3, 3, 3, 2, 7)
     # Push every tap far outside: samples clamp to the padded border.
     dx = dx.sign() * 10.0
@@ -96,8 +98,7 @@ def test_offsets_reaching_past_the_padded_border_clamp():
     )
 
 
-def test_float32_matches_float64():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_float32_matches_float64(gen):
     hr, kern, dx, dy = _random_inputs(gen, 2, 3, 9, 11, 4, 13)
     ref = resample(hr, kern, dx, dy, 4)
     got = resample(*(t.float() for t in (hr, kern, dx, dy)), 4)
@@ -105,10 +106,7 @@ def test_float32_matches_float64():
 
 
 @pytest.mark.parametrize("autograd", [False, True], ids=["inference", "autograd"])
-def test_chunked_equals_single_band(autograd):
-    seed = torch.seed() % 2**31
-    print(f"seed {seed}")
-    gen = torch.Generator().manual_seed(seed)
+def test_chunked_equals_single_band(autograd, gen):
     hr, kern, dx, dy = _random_inputs(gen, 1, 3, 17, 6, 2, 7, dtype=torch.float32)
     hr.requires_grad_(autograd)
     whole = resample_reference(hr, kern, dx, dy, 2)
@@ -120,9 +118,8 @@ def test_chunked_equals_single_band(autograd):
 
 
 @pytest.mark.parametrize("scale", [2, 4])
-def test_centre_tap_samples_block_centre(scale):
+def test_centre_tap_samples_block_centre(scale, gen):
     """One-hot centre kernel, zero offsets: the bilinear sample at each block centre."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     k = 3 * scale + 1
     h, w = 5, 6
     hr = torch.rand(1, 3, h * scale, w * scale, generator=gen, dtype=torch.float64)
@@ -152,10 +149,7 @@ def _off_the_kinks(offsets: torch.Tensor, scale: int) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scale", [2, 4])
-def test_gradcheck(scale):
-    seed = torch.seed() % 2**31
-    print(f"seed {seed}")
-    gen = torch.Generator().manual_seed(seed)
+def test_gradcheck(scale, gen):
     k = 3 * scale + 1
     h, w = (2, 3) if scale == 2 else (1, 2)  # k*k taps per LR pixel: keep the Jacobian small
     hr, kern, dx, dy = _random_inputs(gen, 1, 2, h, w, scale, k, offset_scale=0.7)
@@ -178,9 +172,8 @@ def test_rejects_mismatched_shapes():
 
 
 @pytest.mark.parametrize("size", [(2, 9), (3, 3), (2, 2), (5, 2)])
-def test_images_smaller_than_the_padding(size):
+def test_images_smaller_than_the_padding(size, gen):
     """Padding wider than the image continues the mirror periodically, as the loop does."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     h, w = size
     hr = torch.rand(1, 3, h * 2, w * 2, generator=gen, dtype=torch.float64)
     kern = torch.rand(1, 81, h, w, generator=gen, dtype=torch.float64)  # k = 9: pad 4 > side
@@ -196,11 +189,8 @@ def test_images_smaller_than_the_padding(size):
 
 @pytest.mark.parametrize("autograd", [False, True], ids=["inference", "autograd"])
 @pytest.mark.parametrize("scale,h,w", [(2, 5, 4), (2, 1, 3), (4, 3, 4), (4, 2, 1), (3, 2, 3)])
-def test_no_offsets_match_the_per_pixel_loop_with_zero_offsets(scale, h, w, autograd):
+def test_no_offsets_match_the_per_pixel_loop_with_zero_offsets(scale, h, w, autograd, gen):
     """Offsets None: the fixed-tap path, the same numbers as the formula with offsets 0."""
-    seed = torch.seed() % 2**31
-    print(f"seed {seed}")
-    gen = torch.Generator().manual_seed(seed)
     k = 3 * scale + 1 if scale % 2 == 0 else 3 * scale
     hr, kern, dx, _ = _random_inputs(gen, 2, 3, h, w, scale, k)
     zero = torch.zeros_like(dx)
@@ -211,8 +201,7 @@ def test_no_offsets_match_the_per_pixel_loop_with_zero_offsets(scale, h, w, auto
 
 
 @pytest.mark.parametrize("size", [(2, 9), (3, 3), (1, 1)])
-def test_no_offsets_on_images_smaller_than_the_padding(size):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_no_offsets_on_images_smaller_than_the_padding(size, gen):
     h, w = size
     hr = torch.rand(1, 3, h * 4, w * 4, generator=gen, dtype=torch.float64)
     kern = torch.rand(1, 169, h, w, generator=gen, dtype=torch.float64)  # pad 6 > side
@@ -226,10 +215,7 @@ def test_no_offsets_on_images_smaller_than_the_padding(size):
 
 
 @pytest.mark.parametrize("scale", [2, 4])
-def test_no_offsets_gradcheck(scale):
-    seed = torch.seed() % 2**31
-    print(f"seed {seed}")
-    gen = torch.Generator().manual_seed(seed)
+def test_no_offsets_gradcheck(scale, gen):
     k = 3 * scale + 1
     hr, kern, _, _ = _random_inputs(gen, 1, 2, 2, 2, scale, k)
     inputs = [t.clone().requires_grad_() for t in (hr, kern)]
