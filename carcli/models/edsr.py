@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carcli.models.config import CARConfig
-from carcli.models.layers import MeanShift
+from carcli.models.layers import MeanShift, needs_grad, weights_version
 from carcli.models.precision import autocast
 from carcli.models.sr import ALL_EDGES, Edges, SRNetwork, float_head_then_body, register_sr
 
@@ -94,9 +94,7 @@ class FusedTail(nn.Module):
         return weight, F.pixel_unshuffle(base, s)[0, :, c, c].contiguous()
 
     def _weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = list(self.layers.parameters())
-        key = (like.device, like.dtype, *(p._version for p in params))
-        key += tuple(p.data_ptr() for p in params)
+        key = (like.device, like.dtype, *weights_version(self.layers.parameters()))
         if self._cache is None or self._cache[0] != key:
             with torch.inference_mode(False):  # normal tensors: refinement backpropagates
                 weight, bias = self.fused()
@@ -166,9 +164,7 @@ class EDSR(SRNetwork):
         (an exported graph keeps the layers: it must hold for every input size)."""
         if self.training or torch.compiler.is_exporting():
             return False
-        return not (
-            torch.is_grad_enabled() and any(p.requires_grad for p in self.tail.parameters())
-        )
+        return not needs_grad(self.tail.parameters())
 
     def stage_margins(self) -> tuple[int, int]:
         """(body, upsampler) LR pixels of context: the 3x3 convs before and after.

@@ -7,11 +7,26 @@ map onto ours key for key.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from carcli.models.config import RGB_MEAN
+
+
+def needs_grad(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether autograd records what is computed from these: fused and in-place shortcuts
+    are for when it does not."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def weights_version(params: Iterable[torch.Tensor]) -> tuple:
+    """Changes when any of ``params`` is modified in place, replaced, moved or cast: the key
+    of a cache of weights derived from them (a fused conv)."""
+    params = list(params)
+    return tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
 
 
 class MeanShift(nn.Conv2d):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carcli.models.config import CARConfig
-from carcli.models.layers import MeanShift
+from carcli.models.layers import MeanShift, needs_grad, weights_version
 from carcli.models.sr import ALL_EDGES, Edges, SRNetwork, float_head_then_body, register_sr
 
 
@@ -51,7 +51,7 @@ class RepConv3(nn.Module):
 
     def _fused_cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         params = (self.conv3.weight, self.conv3.bias, self.conv1.weight, self.conv1.bias)
-        key = tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
+        key = weights_version(params)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 weight, bias = self.fused()
@@ -62,7 +62,7 @@ class RepConv3(nn.Module):
         if self.training:
             out = self.conv3(x) + self.conv1(x)
             return out + x if self.identity else out
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if needs_grad(self.parameters()):
             weight, bias = self.fused()  # gradients must reach the branches
         else:
             weight, bias = self._fused_cached()

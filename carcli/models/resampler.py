@@ -12,6 +12,7 @@ from carcli.models.layers import (
     ReflectSequential,
     ResidualBlock,
     UpsampleBlock,
+    needs_grad,
     reflect_conv3,
 )
 
@@ -75,7 +76,7 @@ def _normalize_in_place(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _inference(t: torch.Tensor) -> bool:
-    return not (torch.is_grad_enabled() and t.requires_grad)
+    return not needs_grad([t])
 
 
 def _normalized(raw: torch.Tensor) -> torch.Tensor:
