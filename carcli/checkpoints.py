@@ -654,31 +654,77 @@ def _load_checked_scale(
     return model, meta
 
 
-def installed_weights() -> list[dict]:
-    """The carcli checkpoints in ``weights_dir()``, read from their headers only (for car info).
+def _checkpoint_entry(path: Path, role: str | None = None) -> dict[str, Any]:
+    """One carcli checkpoint for a listing, from its header; problems as ``error``."""
+    entry: dict[str, Any] = {"path": path, "role": role or "pair"}
+    try:  # the digest identifies the exact file in reports and bug reports
+        entry["size"] = path.stat().st_size
+        entry["sha256"] = file_digest(path)
+    except OSError as exc:
+        entry.update(size=None, sha256=None, error=f"cannot read {path}: {exc.strerror or exc}")
+    match = re.fullmatch(r"car_(?:generic_)?x(\d+)\.safetensors", path.name)
+    scale = int(match.group(1)) if match else None
+    try:
+        meta = read_metadata(path)
+    except WeightsError as exc:
+        entry.update(scale=scale, metadata={}, error=entry.get("error") or str(exc))
+    else:
+        if role is None:  # a file of any name: its metadata says what it is
+            entry["role"] = "generic" if meta.get("role") == GENERIC_ROLE else "pair"
+        entry.update(scale=meta.get("scale", scale), metadata=meta)
+    return entry
 
-    A broken file is listed with an ``error`` entry rather than failing the listing.
+
+def _official_entry(folder: Path) -> dict[str, Any]:
+    """The authors' kgn.pth/usn.pth in ``folder`` for a listing (paper config)."""
+    kgn_path = folder / OFFICIAL_FILES[0]
+    entry: dict[str, Any] = {"path": folder, "role": "pair", "sha256": None, "metadata": {}}
+    missing = [name for name in OFFICIAL_FILES if not (folder / name).is_file()]
+    if missing:
+        return entry | {
+            "scale": None,
+            "size": None,
+            "error": f"{folder} has no {missing[0]} (the authors' folder holds both files)",
+        }
+    try:
+        entry["size"] = sum((folder / n).stat().st_size for n in OFFICIAL_FILES)
+        scale = _resampler_scale(_torch_load_state(kgn_path), kgn_path)
+    except OSError as exc:
+        entry.update(scale=None, size=None, error=f"cannot read {folder}: {exc.strerror or exc}")
+    except WeightsError as exc:
+        entry.update(scale=None, error=str(exc))
+    else:
+        meta = {"source": "official", "config": preset("paper", scale).to_dict(), "scale": scale}
+        entry.update(scale=scale, metadata=meta)
+    return entry
+
+
+def installed_weights(where: Path | None = None) -> list[dict]:
+    """The checkpoints in ``where`` (default ``weights_dir()``), for car info.
+
+    ``where`` may also be one checkpoint file, or the authors' folder (kgn.pth and
+    usn.pth, directly or in 2x/ and 4x/). Headers only, except the authors' resampler,
+    whose scale is in its tensors. A broken file is listed with an ``error`` entry
+    rather than failing the listing.
     """
-    folder = weights_dir()
+    folder = weights_dir() if where is None else Path(where).expanduser()
+    if where is not None and folder.is_file():
+        if folder.name in OFFICIAL_FILES:
+            return [_official_entry(folder.parent)]
+        return [_checkpoint_entry(folder)]
     if not folder.is_dir():
         return []
-    found = []
-    paths = [*folder.glob("car_x*.safetensors"), *folder.glob("car_generic_x*.safetensors")]
-    for path in sorted(paths):
-        role = "generic" if path.name.startswith("car_generic_") else "pair"
-        entry: dict[str, Any] = {"path": path, "size": path.stat().st_size, "role": role}
-        try:  # the digest identifies the exact file in reports and bug reports
-            entry["sha256"] = file_digest(path)
-        except OSError as exc:
-            entry["sha256"] = None
-            entry["error"] = f"cannot read {path}: {exc.strerror or exc}"
-        match = re.fullmatch(r"car_(?:generic_)?x(\d+)\.safetensors", path.name)
-        scale = int(match.group(1)) if match else None
-        try:
-            meta = read_metadata(path)
-        except WeightsError as exc:
-            entry.update(scale=scale, metadata={}, error=entry.get("error") or str(exc))
-        else:
-            entry.update(scale=meta.get("scale", scale), metadata=meta)
-        found.append(entry)
+    if where is None:
+        paths = [*folder.glob("car_x*.safetensors"), *folder.glob("car_generic_x*.safetensors")]
+        found = [
+            _checkpoint_entry(path, "generic" if path.name.startswith("car_generic_") else "pair")
+            for path in sorted(paths)
+        ]
+    else:  # a folder the user names: every checkpoint in it, each saying what it is
+        found = [_checkpoint_entry(path) for path in sorted(folder.glob("*.safetensors"))]
+        found += [
+            _official_entry(sub)
+            for sub in (folder, *(folder / f"{s}x" for s in SCALES))
+            if (sub / OFFICIAL_FILES[0]).exists() or (sub / OFFICIAL_FILES[1]).exists()
+        ]
     return found

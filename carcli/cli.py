@@ -802,15 +802,22 @@ def roundtrip(
 
 
 @app.command()
-def info(json_file: JsonOpt = None) -> None:
-    """Versions, devices and their resampling backend, installed weights and where they live."""
+def info(json_file: JsonOpt = None, weights: WeightsOpt = None) -> None:
+    """Versions, devices and their resampling backend, installed weights and where they live.
+
+    With --weights: the checkpoints in that file or folder instead of the installed ones
+    (configuration, architecture, parameters, recorded validation, SHA-256).
+    """
     from carcli.console import info_tables, stdout_console
+    from carcli.errors import WeightsError
     from carcli.info import gather
     from carcli.paths import check_report_target
 
     with _user_errors():
         check_report_target(json_file, [], [])
-    data = gather()
+        if weights is not None and not weights.expanduser().exists():
+            raise WeightsError(f"weights path {weights} does not exist")
+    data = gather(weights)
     console = stdout_console()
     for renderable in info_tables(data):
         console.print(renderable, soft_wrap=True)  # digests stay on one line each

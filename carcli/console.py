@@ -228,6 +228,12 @@ def roundtrip_table(
     return table
 
 
+def _official(weights: dict[str, Any]) -> bool:
+    return (weights.get("metadata") or {}).get("source") == "official" or Path(
+        weights["file"]
+    ).is_dir()
+
+
 def info_tables(info: dict[str, Any]) -> list[Any]:
     """Renderables for ``car info``: versions and devices, then installed weights."""
     env = Table(show_header=False, box=None, pad_edge=False)
@@ -242,7 +248,9 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
     env.add_row("default device", info["default_device"])
     env.add_row("weights dir", info["weights_dir"])
 
-    weights = Table(title="installed weights", header_style="bold")
+    listed = info.get("weights_listed")
+    title = f"weights in {listed}" if listed else "installed weights"
+    weights = Table(title=title, header_style="bold")
     broken = any(w.get("error") for w in info["weights"])
     columns = ("scale", "file", "config", "architecture", "parameters", "validation")
     for column in columns + ("problem",) * broken:
@@ -250,14 +258,18 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
     for w in info["weights"]:
         row = [
             f"{w['scale']}x" if w.get("scale") else "?",
-            Path(w["file"]).name,
+            Path(w["file"]).name + ("/ (kgn.pth, usn.pth)" if _official(w) else ""),
             w.get("config") or "-",
             w.get("architecture") or "-",
             w.get("parameters") or "-",
             w.get("validation") or "-",
         ]
         weights.add_row(*row, *([w.get("error") or ""] if broken else []))
-    if not info["weights"]:
+    if not info["weights"] and listed:
+        weights.caption = (
+            f"no carcli checkpoint (.safetensors) and no authors' kgn.pth/usn.pth in {listed}"
+        )
+    elif not info["weights"]:
         weights.caption = (
             "none found in the weights dir: commands need --weights FILE_OR_FOLDER (a carcli "
             "checkpoint, or the authors' kgn.pth/usn.pth folder), or unset CARCLI_WEIGHTS to "
@@ -268,7 +280,11 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
     digests = [f"{w['sha256']}  {Path(w['file']).name}" for w in info["weights"] if w.get("sha256")]
     if not digests:
         return [env, weights]
-    listing = Text("SHA-256 (sha256sum -c in the weights dir checks them):\n", style="bold")
+    folders = {str(Path(w["file"]).parent) for w in info["weights"] if w.get("sha256")}
+    where = (
+        "the weights dir" if not listed else folders.pop() if len(folders) == 1 else "their folder"
+    )
+    listing = Text(f"SHA-256 (sha256sum -c in {where} checks them):\n", style="bold")
     listing.append("\n".join(digests), style="default")
     listing.no_wrap, listing.overflow = True, "ignore"
     return [env, weights, listing]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,10 +81,14 @@ def _compact(value: Any) -> str:
     return str(value)
 
 
-def gather() -> dict[str, Any]:
-    """Everything ``car info`` shows, JSON-serialisable (``--json`` writes it as is)."""
+def gather(where: Path | None = None) -> dict[str, Any]:
+    """Everything ``car info`` shows, JSON-serialisable (``--json`` writes it as is).
+
+    ``where``: list the checkpoints of this file or folder (``--weights``) instead of
+    the installed ones.
+    """
     weights = []
-    for entry in installed_weights():
+    for entry in installed_weights(where):
         meta = entry.get("metadata") or {}
         params = _parameters(meta) if meta else None
         config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -115,5 +120,6 @@ def gather() -> dict[str, Any]:
         "devices": devices(),
         "default_device": str(resolve_device("auto")),
         "weights_dir": str(weights_dir()),
+        "weights_listed": str(where) if where is not None else None,
         "weights": weights,
     }

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 import carcli.checkpoints as ck
 from carcli.checkpoints import (
     FORMAT,
+    GENERIC_ROLE,
     NoWeightsInstalled,
     WeightsError,
     installed_weights,
@@ -34,7 +35,7 @@ from carcli.checkpoints import (
     shipped_name,
     weights_dir,
 )
-from carcli.models import CARModel, preset
+from carcli.models import CARConfig, CARModel, preset
 
 Layout = dict[str, tuple[int, ...]]
 
@@ -354,6 +355,43 @@ def test_load_model_shipped_and_installed(tmp_path: Path, monkeypatch: pytest.Mo
     assert listed[4]["sha256"] == hashlib.sha256(saved).hexdigest()
     assert "not a safetensors file" in listed[2]["error"]
     assert listed[2]["sha256"] == hashlib.sha256(b"not weights").hexdigest()
+
+
+def test_listing_a_file_or_folder_the_user_names(tmp_path: Path, official_root: Path) -> None:
+    """`car info --weights`: any checkpoint name in a folder, generic ones by their metadata,
+    broken files as errors, and the authors' folders by the scale in their resampler."""
+    save_checkpoint(tiny(4), tmp_path / "my-run-best.safetensors", {"steps": 7})
+    generic = tiny(2)
+    save_checkpoint(generic, tmp_path / "upscaler.safetensors", {"role": GENERIC_ROLE})
+    (tmp_path / "broken.safetensors").write_bytes(b"nope")
+    (tmp_path / "notes.txt").write_text("not weights")
+    listed = {entry["path"].name: entry for entry in installed_weights(tmp_path)}
+    assert sorted(listed) == [
+        "broken.safetensors",
+        "my-run-best.safetensors",
+        "upscaler.safetensors",
+    ]
+    assert listed["my-run-best.safetensors"]["scale"] == 4
+    assert listed["my-run-best.safetensors"]["role"] == "pair"
+    assert listed["my-run-best.safetensors"]["metadata"]["steps"] == 7
+    assert listed["upscaler.safetensors"]["role"] == "generic"
+    assert listed["upscaler.safetensors"]["scale"] == 2
+    assert "not a safetensors file" in listed["broken.safetensors"]["error"]
+    [one] = installed_weights(tmp_path / "my-run-best.safetensors")
+    assert one["sha256"] == listed["my-run-best.safetensors"]["sha256"]
+
+    by_scale = {entry["scale"]: entry for entry in installed_weights(official_root)}
+    assert sorted(by_scale) == [2, 4]
+    for s, entry in by_scale.items():
+        assert entry["path"] == official_root / f"{s}x" and "error" not in entry
+        assert entry["metadata"]["source"] == "official"
+        assert CARConfig.from_dict(entry["metadata"]["config"]) == preset("paper", s)
+    assert [e["scale"] for e in installed_weights(official_root / "2x" / "usn.pth")] == [2]
+    half = write_official(tmp_path / "half", official_root / "4x" / "kgn.pth", {})
+    (half / "usn.pth").unlink()
+    [entry] = installed_weights(half)
+    assert entry["error"] == f"{half} has no usn.pth (the authors' folder holds both files)"
+    assert installed_weights(tmp_path / "empty") == []
 
 
 def test_default_weights_dir(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -281,6 +281,28 @@ def test_info_without_weights(no_installed_weights: Path) -> None:
     assert "until the trained" not in text and "--weights" in text
 
 
+def test_info_on_a_checkpoint_the_user_names(tmp_path: Path) -> None:
+    """`car info --weights FILE_OR_FOLDER` shows that file's architecture and digest instead
+    of the installed weights; a missing path is a one-line error."""
+    shipped = Path(carcli.__file__).parent / "weights" / "car_x4.safetensors"
+    mine = tmp_path / "my-pair.safetensors"
+    mine.write_bytes(shipped.read_bytes())
+    result = car("info", "--weights", mine, "--json", "-")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert f"weights in {mine}" in text and "EDSR 16 blocks x 64" in text
+    assert "car_generic_x2" not in text  # the installed ones are not listed
+    data = json.loads(result.stdout[result.stdout.index("{") :])
+    assert data["weights_listed"] == str(mine)
+    [entry] = data["weights"]
+    assert entry["scale"] == 4 and entry["config"] == "compact"
+    assert entry["sha256"] == hashlib.sha256(mine.read_bytes()).hexdigest()
+
+    result = car("info", "--weights", tmp_path / "nowhere")
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: weights path {tmp_path / 'nowhere'} does not exist"
+
+
 def test_help_and_version() -> None:
     for command in ("downscale", "upscale", "roundtrip", "info"):
         result = car(command, "--help")
