@@ -9,7 +9,6 @@ to INPUT, no weights), 130 when interrupted.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -416,8 +415,9 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> bool:
     if path is None:
         return True
     from carcli.imageio import ImageWriteError, atomic_write_bytes
+    from carcli.report import report_text
 
-    text = json.dumps(data, indent=2, default=str) + "\n"
+    text = report_text(data)
     try:
         atomic_write_bytes(path, text.encode())
     except (ImageWriteError, OSError) as exc:

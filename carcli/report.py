@@ -15,6 +15,8 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
+import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -168,6 +170,37 @@ _IMAGE: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every infinite or NaN float as None, in nested dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """The report as strict JSON (RFC 8259), indented, one trailing newline.
+
+    Python's json would write ``Infinity`` for the PSNR of an image that came back
+    identical, which JavaScript, Go, jq's strict readers and most JSON tools refuse:
+    such values are written as null (the report's "no number" everywhere else too).
+    """
+    return json.dumps(_finite(report), indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _non_finite(value: Any, where: str) -> list[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{where} is {value}: JSON has no such number"]
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in _non_finite(item, f"{where}.{key}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, item in enumerate(value) for p in _non_finite(item, f"{where}[{i}]")]
+    return []
+
+
 def check_report(report: dict[str, Any]) -> list[str]:
     """Everything in ``report`` that breaks the schema (an empty list when it conforms)."""
     problems = _check_keys(report, _COMMON, "report")
@@ -196,7 +229,7 @@ def check_report(report: dict[str, Any]) -> list[str]:
     for i, entry in enumerate(report["skipped"]):
         spec = {"file": (str,), "reason": (str,), "outputs": (list,)}
         problems += _check_keys(entry, spec, f"skipped[{i}]")
-    return problems
+    return problems + _non_finite(report, "report")
 
 
 def _check_keys(data: Any, spec: dict[str, tuple[type, ...]], where: str) -> list[str]:

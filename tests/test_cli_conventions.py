@@ -409,6 +409,32 @@ def test_check_report_finds_problems() -> None:
     assert check_report({**good, "failed": [{"file": "x"}]}) == ["failed[0] lacks 'error'"]
 
 
+def test_report_is_strict_json_when_a_round_trip_is_exact(
+    tmp_path: Path, tiny_weights: Path
+) -> None:
+    """A flat image comes back from bicubic identical (PSNR infinite): the report must still
+    be JSON that strict readers take, not Python's ``Infinity``; the table says inf."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (24, 24), (90, 120, 30)).save(src / "flat.png")
+    json_path = tmp_path / "rt.json"
+    result = car("roundtrip", src, "-w", tiny_weights, "--json", json_path)
+    assert result.exit_code == 0, result.output
+    assert "inf" in result.stdout
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads(json_path.read_text(), parse_constant=refuse)
+    assert check_report(report) == []
+    assert report["images"][0]["bicubic_psnr"] is None
+    assert report["baselines"]["bicubic"]["psnr"] is None
+    assert report["baselines"]["bicubic"]["ssim"] == 1.0
+    assert check_report({**report, "psnr": float("inf")}) == [
+        "report.psnr is inf: JSON has no such number"
+    ]
+
+
 def test_timing_probe_is_fast_enough_to_matter() -> None:
     """Usage errors used to take ~5 s (importing torch); they now take well under that."""
     start = time.perf_counter()
