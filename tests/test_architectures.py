@@ -14,6 +14,7 @@ from PIL import Image
 from carcli.checkpoints import load_model, save_checkpoint
 from carcli.models import CARConfig, CARModel, preset, quantize
 from carcli.models.config import SRConfig, describe, preset_names
+from carcli.models.precision import autocast
 from carcli.models.rep import RepConv3, RepSR
 from carcli.tiler import TiledModel
 from carcli.train.distill import DistillSampler
@@ -262,6 +263,26 @@ def test_resampler_without_offsets_tiles_exactly_loads_and_is_what_zero_offsets_
         data["resampler"]["offsets"] = bad
         with pytest.raises(ValueError, match="resampler.offsets must be true or false"):
             CARConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("head", ["shared", "separate"])
+def test_kernels_without_offsets_come_one_plane_per_tap(head: str) -> None:
+    """The fixed-tap op weights an image phase by one tap's plane at a time: a channels-last
+    model (the CPU default) must still hand it float32 planes, not a k*k-strided gather,
+    under bf16 autocast and in float32, and the LR is what the plain layout gives."""
+    print(f"seed {SEED}")
+    tiny = preset("tiny", 4)
+    config = replace(tiny, resampler=replace(tiny.resampler, head=head, offsets=False))
+    model = randomised(CARModel(config), SEED).eval()
+    hr = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(SEED))
+    with torch.inference_mode():
+        plain = model.downscale(hr)
+        model.to(memory_format=torch.channels_last)
+        for precision in ("fp32", "bf16"):
+            with autocast(hr.device, precision):
+                kernels, _, _ = model.resampler(hr)
+            assert kernels.dtype == torch.float32 and kernels.is_contiguous(), precision
+        torch.testing.assert_close(model.downscale(hr), plain, rtol=0, atol=1e-6)
 
 
 def test_training_without_offsets_skips_their_regularisers(train_dir: Path, tmp_path: Path) -> None:
