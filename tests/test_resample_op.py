@@ -200,6 +200,18 @@ def test_no_offsets_match_the_per_pixel_loop_with_zero_offsets(scale, h, w, auto
     torch.testing.assert_close(got.detach(), expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("scale", [2, 4])
+def test_no_offsets_take_any_memory_layout(scale, gen):
+    """Channels-last images and kernels (the CPU engine's layout) give the same numbers."""
+    k = 3 * scale + 1
+    hr, kern, dx, _ = _random_inputs(gen, 2, 3, 7, 5, scale, k)
+    expected = resample(hr, kern, None, None, scale)
+    for a, b in ((hr, kern), (hr.contiguous(memory_format=torch.channels_last), kern)):
+        for kernels in (b, b.contiguous(memory_format=torch.channels_last)):
+            got = resample(a, kernels, None, None, scale)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("size", [(2, 9), (3, 3), (1, 1)])
 def test_no_offsets_on_images_smaller_than_the_padding(size, gen):
     h, w = size
