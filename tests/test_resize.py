@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import carcli.resize as resize_mod
 from carcli.metrics import psnr_y, ssim_y
 from carcli.resize import bicubic_downscale, bicubic_upscale, imresize, resize_weights
 
@@ -113,6 +114,38 @@ def test_imresize_fractional_and_sized_match_slow_loop(
         scales = (size[0] / hw[0], size[1] / hw[1])
     assert out.shape[-2:] == size
     np.testing.assert_allclose(out.numpy(), slow_imresize(x.numpy(), size, scales), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("hw", "scale", "size"),
+    [((300, 270), 0.25, None), ((40, 37), 4.0, None), ((401, 233), 0.37, None),
+     ((150, 66), None, (203, 131)), ((130, 129), 0.5, None)],
+)  # fmt: skip
+def test_images_larger_than_a_band_match_slow_loop(
+    hw: tuple[int, int], scale: float | None, size: tuple[int, int] | None
+) -> None:
+    """Outputs over BLOCK rows and columns: several bands per axis, each multiplying only
+    the input rows it reads, must add up to the same image as the per-pixel loop."""
+    x = _rand(3, *hw, seed=11)
+    out = imresize(x, scale=scale, size=size)
+    if size is None:
+        assert scale is not None
+        size = (math.ceil(hw[0] * scale), math.ceil(hw[1] * scale))
+        scales = (scale, scale)
+    else:
+        scales = (size[0] / hw[0], size[1] / hw[1])
+    assert max(size) > 2 * resize_mod.BLOCK or min(size) > resize_mod.BLOCK
+    np.testing.assert_allclose(out.numpy(), slow_imresize(x.numpy(), size, scales), atol=1e-12)
+
+
+def test_gradient_is_the_transposed_matrices() -> None:
+    """Autograd through the bands: d<G, Wh X Ww^T>/dX = Wh^T G Ww, with the dense matrices."""
+    x = _rand(2, 150, 90, seed=5).requires_grad_()
+    out = imresize(x, scale=0.5)
+    g = _rand(*out.shape, seed=6)
+    (out * g).sum().backward()
+    w_h, w_w = resize_weights(150, 75), resize_weights(90, 45)
+    torch.testing.assert_close(x.grad, w_h.T @ g @ w_w, rtol=0, atol=1e-12)
 
 
 def test_no_antialias_keeps_the_narrow_kernel() -> None:
