@@ -212,7 +212,10 @@ def export_onnx(
         2: torch.export.Dim("height", min=2, max=16384),
         3: torch.export.Dim("width", min=2, max=16384),
     }
-    sr_proto = _export(_SR(model), torch.rand(2, 3, 24, 32, generator=generator), "lr", "hr", dims)
+    example = torch.rand(2, 3, 24, 32, generator=generator)
+    with torch.no_grad():
+        model.sr(example)  # derived inference weights (EDSR's fused tail) made from these weights
+    sr_proto = _export(_SR(model), example, "lr", "hr", dims)
     _save(sr_proto, sr_path, {**meta, "network": "sr", "input": "lr: N x 3 x H x W in [0, 1]"})
     down_proto = _export(
         _Downscale(model), torch.rand(1, 3, tile, tile, generator=generator), "hr", "lr", None

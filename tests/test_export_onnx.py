@@ -45,14 +45,18 @@ def test_shipped_2x_weights_run_in_onnxruntime(tmp_path: Path) -> None:
     for entry in results:  # export_onnx's own check ran, on a random input
         print(f"{entry.network}: max |diff| {entry.max_abs_error:.3g}, mismatch {entry.mismatch}")
         assert entry.max_abs_error is not None and entry.max_abs_error <= 1 / 255 + 1e-6
-    meta = {p.key: p.value for p in onnx.load(str(sr_path)).metadata_props}
+    graph = onnx.load(str(sr_path))
+    meta = {p.key: p.value for p in graph.metadata_props}
     assert meta["scale"] == "2" and meta["network"] == "sr" and meta["weights_sha256"] == "abc"
+    # EDSR's tail as inference runs it: one 5x5 conv at LR to 3 s^2 channels (FusedTail;
+    # the upsampler's layers remain for the edge strips only).
+    assert (12, 64, 5, 5) in {tuple(t.dims) for t in graph.graph.initializer}
 
     seed = 39
     print(f"seed {seed}")
     generator = torch.Generator().manual_seed(seed)
     sr = onnxruntime.InferenceSession(str(sr_path), providers=["CPUExecutionProvider"])
-    for shape in ((1, 3, 17, 23), (3, 3, 40, 31)):
+    for shape in ((1, 3, 17, 23), (3, 3, 40, 31), (1, 3, 2, 2), (2, 3, 5, 4)):
         lr = torch.rand(*shape, generator=generator)
         (out,) = sr.run(None, {"lr": lr.numpy()})
         with torch.no_grad():

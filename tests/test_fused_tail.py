@@ -51,6 +51,22 @@ def test_fused_tail_equals_the_layers(scale: int, size: tuple[int, int]) -> None
 
 
 @pytest.mark.parametrize("scale", [2, 4])
+@pytest.mark.parametrize("size", [(2, 2), (2, 5), (3, 4), (5, 6), (6, 9), (13, 8)])
+def test_the_exported_form_equals_the_layers(scale: int, size: tuple[int, int]) -> None:
+    """What a graph export runs (bands joined by cat, no branch on the size): the layers'
+    image from 2 LR pixels a side, where the strips are the whole input, upwards."""
+    net = edsr(scale).double()
+    feats = torch.randn(2, 8, *size, generator=torch.Generator().manual_seed(SEED + 2))
+    feats = feats.double()
+    with torch.no_grad():
+        net.fused_tail(torch.zeros(1, 8, 8, 8, dtype=torch.float64))  # the weights, cached
+        joined = net.fused_tail._joined(feats)
+        layers = net.tail(feats)
+    assert joined.shape == layers.shape
+    torch.testing.assert_close(joined, layers, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
 def test_fused_weights_match_the_composed_maps(scale: int) -> None:
     """Float64 weights: the fused conv reproduces the layers to 1e-12 away from the edges,
     and differs within BAND of an edge (so the strips there are needed, not decoration)."""
