@@ -139,8 +139,11 @@ class FusedTail(nn.Module):
         layers, s, n = self.layers, self.scale, self.STRIP
         # Under export the parameters are traced stand-ins (their versions and addresses
         # say nothing, and deriving the weights there would trace the impulse responses):
-        # the weights of the last inference pass (the exporter's caller runs one first).
-        weight, bias = self._cache[1:] if self._cache is not None else self.fused()
+        # the weights of the last inference pass (export_onnx runs one first), else the
+        # layers themselves.
+        if self._cache is None:
+            return layers(x)
+        weight, bias = self._cache[1], self._cache[2]
         out = F.pixel_shuffle(F.conv2d(x, weight, bias, padding=self.REACH), s)
         band = s * self.BAND
         top, bottom = layers(x[..., :n, :])[..., :band, :], layers(x[..., -n:, :])[..., -band:, :]
