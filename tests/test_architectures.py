@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from carcli.checkpoints import load_model, save_checkpoint
-from carcli.models import CARConfig, CARModel, preset, quantize
+from carcli.models import CARConfig, CARModel, preset, quantize, without_offsets
 from carcli.models.config import SRConfig, describe, preset_names
 from carcli.models.precision import autocast
 from carcli.models.rep import RepConv3, RepSR
@@ -263,6 +263,41 @@ def test_resampler_without_offsets_tiles_exactly_loads_and_is_what_zero_offsets_
         data["resampler"]["offsets"] = bad
         with pytest.raises(ValueError, match="resampler.offsets must be true or false"):
             CARConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("head", ["shared", "separate"])
+@pytest.mark.parametrize("scale", [2, 4])
+def test_without_offsets_is_the_pair_with_its_offsets_at_zero(scale: int, head: str) -> None:
+    """without_offsets keeps every weight but the offsets' and runs the fixed-tap path: the
+    same LR as the full pair whose offset heads give zero (tanh(0))."""
+    print(f"seed {SEED}")
+    tiny = preset("tiny", scale)
+    config = replace(tiny, resampler=replace(tiny.resampler, head=head))
+    model = randomised(CARModel(config), SEED + 7).eval()
+    taps = model.resampler.taps
+    with torch.no_grad():
+        if head == "shared":  # the last conv's offset rows
+            last = model.resampler.head[-1]
+            last.weight[taps:] = 0.0
+            last.bias[taps:] = 0.0
+        else:
+            for branch in (
+                model.resampler.offsets_h_generation,
+                model.resampler.offsets_v_generation,
+            ):
+                branch[-2].weight.zero_()
+                branch[-2].bias.zero_()
+    lean = without_offsets(model)
+    assert not lean.config.resampler.offsets and lean.config.name == f"{tiny.name}-no-offsets"
+    assert set(lean.state_dict()) <= set(model.state_dict())  # separate heads: fewer keys
+    assert lean.parameter_counts()["resampler"] < model.parameter_counts()["resampler"]
+    hr = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(SEED))
+    with torch.inference_mode():
+        torch.testing.assert_close(lean.downscale(hr), model.downscale(hr), rtol=0, atol=1e-5)
+        lr = quantize(model.downscale(hr))
+        assert torch.equal(lean.upscale(lr), model.upscale(lr))
+    with pytest.raises(ValueError, match="already has no offsets"):
+        without_offsets(lean)
 
 
 @pytest.mark.parametrize("head", ["shared", "separate"])

@@ -1,6 +1,13 @@
 """The networks, their configurations and their numerics (precision, margins, rounding)."""
 
-from carcli.models.car import CARModel, deepened, lr_size, op_halo, pad_to_multiple
+from carcli.models.car import (
+    CARModel,
+    deepened,
+    lr_size,
+    op_halo,
+    pad_to_multiple,
+    without_offsets,
+)
 from carcli.models.config import PRESETS, CARConfig, ResamplerConfig, SRConfig, preset
 from carcli.models.edsr import EDSR
 from carcli.models.precision import PRECISIONS, autocast
@@ -31,4 +38,5 @@ __all__ = [
     "quantize_for_training",
     "register_sr",
     "sr_architectures",
+    "without_offsets",
 ]
