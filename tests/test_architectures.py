@@ -12,7 +12,14 @@ import torch
 from PIL import Image
 
 from carcli.checkpoints import load_model, save_checkpoint
-from carcli.models import CARConfig, CARModel, preset, quantize, without_offsets
+from carcli.models import (
+    CARConfig,
+    CARModel,
+    preset,
+    quantize,
+    with_offsets,
+    without_offsets,
+)
 from carcli.models.config import SRConfig, describe, preset_names
 from carcli.models.precision import autocast
 from carcli.models.rep import RepConv3, RepSR
@@ -298,6 +305,26 @@ def test_without_offsets_is_the_pair_with_its_offsets_at_zero(scale: int, head: 
         assert torch.equal(lean.upscale(lr), model.upscale(lr))
     with pytest.raises(ValueError, match="already has no offsets"):
         without_offsets(lean)
+
+
+@pytest.mark.parametrize("head", ["shared", "separate"])
+@pytest.mark.parametrize("scale", [2, 4])
+def test_with_offsets_adds_them_at_zero(scale: int, head: str) -> None:
+    """with_offsets(without_offsets(pair)): the design with offsets again, all of them zero,
+    so the same LR as the lean pair; the kernel branch's weights are kept."""
+    print(f"seed {SEED}")
+    tiny = preset("tiny", scale)
+    config = replace(tiny, resampler=replace(tiny.resampler, head=head))
+    lean = without_offsets(randomised(CARModel(config), SEED + 8).eval())
+    grown = with_offsets(lean).eval()
+    assert grown.config.resampler == config.resampler and grown.config.name == tiny.name
+    hr = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(SEED))
+    with torch.inference_mode():
+        _, offsets_h, offsets_v = grown.resampler(hr)
+        assert offsets_h.abs().max() == 0 and offsets_v.abs().max() == 0
+        torch.testing.assert_close(grown.downscale(hr), lean.downscale(hr), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="already has offsets"):
+        with_offsets(grown)
 
 
 @pytest.mark.parametrize("head", ["shared", "separate"])

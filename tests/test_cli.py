@@ -295,7 +295,7 @@ def test_info_on_a_checkpoint_the_user_names(tmp_path: Path) -> None:
     data = json.loads(result.stdout[result.stdout.index("{") :])
     assert data["weights_listed"] == str(mine)
     [entry] = data["weights"]
-    assert entry["scale"] == 4 and entry["config"] == "compact"
+    assert entry["scale"] == 4 and entry["config"] == "compact-no-offsets"
     assert entry["sha256"] == hashlib.sha256(mine.read_bytes()).hexdigest()
 
     result = car("info", "--weights", tmp_path / "nowhere")

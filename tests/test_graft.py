@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 from carcli.checkpoints import load_model, save_checkpoint
-from carcli.models import CARConfig, CARModel, ResamplerConfig, ResamplerNet, preset
+from carcli.models import (
+    CARConfig,
+    CARModel,
+    ResamplerConfig,
+    ResamplerNet,
+    preset,
+    without_offsets,
+)
 from carcli.models.graft import can_graft_shared_head, graft_shared_head
 from carcli.train.trainer import TrainConfig, Trainer
 
@@ -172,3 +179,49 @@ def test_graft_onto_a_head_without_offsets_keeps_the_kernels(head_kernel: int) -
         torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-7)
     else:
         assert fit.pixels > 0 and 0.0 < fit.kernels_r2 < 1.0
+
+
+@pytest.mark.parametrize("head_kernel", [3, 1])
+def test_a_source_without_offsets_grafts_onto_a_head_without_them(head_kernel: int) -> None:
+    """The shipped 4x pair has no offsets (since session 7): its two-branch kernel head
+    still grafts onto one shared head; a shared head with offsets it cannot teach."""
+    torch.manual_seed(SEED)
+    lean = replace(SMALL, offsets=False)
+    source = _resampler(4, offsets=False).eval()
+    target = _resampler(4, head="shared", head_kernel=head_kernel, offsets=False).eval()
+    assert can_graft_shared_head(lean, replace(lean, head="shared", head_kernel=head_kernel))
+    assert not can_graft_shared_head(lean, replace(SMALL, head="shared"))
+    fit = graft_shared_head(source, target, _patches(SEED))
+    x = _patches(SEED + 1, 1)[0]
+    with torch.no_grad():
+        got, want = target(x), source(x)
+    if head_kernel == 3:
+        assert fit.pixels == 0
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-7)
+    else:
+        assert fit.pixels > 0 and 0.0 < fit.kernels_r2 < 1.0
+    with pytest.raises(ValueError, match="cannot teach a shared head offsets"):
+        graft_shared_head(source, _resampler(4, head="shared"), _patches(SEED, 1))
+
+
+def test_train_init_from_a_pair_without_offsets_adds_them_for_a_design_with_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--init car_x4 --config fast` (the GPU burst's fast design): offsets added at zero,
+    a new rep SR network; `--config compact` (the default) continues the pair as it is."""
+    _, cfg = _graft_run(tmp_path, steps=1)
+    pair = tmp_path / "lean.safetensors"
+    torch.manual_seed(SEED)
+    lean = without_offsets(CARModel(preset("compact", 2))).eval()
+    save_checkpoint(lean, pair, {})
+    for config, offsets, arch in (("fast", True, "rep"), ("compact", False, "edsr")):
+        run = tmp_path / f"run-{config}"
+        trainer = Trainer(replace(cfg, config=config, init=str(pair)), run, torch.device("cpu"))
+        note = capsys.readouterr().err
+        model: CARModel = trainer.model
+        assert model.config.resampler.offsets == offsets and model.config.sr.arch == arch
+        assert ("offsets added" in note) == offsets
+        x = _patches(SEED + 2, 1)[0]
+        with torch.no_grad():
+            got, want = model.eval().downscale(x), lean.downscale(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

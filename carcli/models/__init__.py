@@ -6,6 +6,7 @@ from carcli.models.car import (
     lr_size,
     op_halo,
     pad_to_multiple,
+    with_offsets,
     without_offsets,
 )
 from carcli.models.config import PRESETS, CARConfig, ResamplerConfig, SRConfig, preset
@@ -38,5 +39,6 @@ __all__ = [
     "quantize_for_training",
     "register_sr",
     "sr_architectures",
+    "with_offsets",
     "without_offsets",
 ]

@@ -174,3 +174,43 @@ def without_offsets(model: CARModel, name: str | None = None) -> CARModel:
     # A shared head's last conv makes the kernels first, then both offsets: keep the kernels.
     lean.load_state_dict({k: v[: len(want[k])] for k, v in model.state_dict().items() if k in want})
     return lean.train(model.training)
+
+
+def with_offsets(model: CARModel, name: str | None = None) -> CARModel:
+    """A copy whose resampler also makes offsets, all zero at first: the same function.
+
+    The inverse of :func:`without_offsets`, for training a pair without offsets in a design
+    with them (as :func:`deepened` adds blocks): the offset trunk and heads start as copies
+    of the kernel ones, except the heads' last convs (or a shared head's offset rows),
+    which start at zero, so every offset is tanh(0) = 0 until training moves it.
+    """
+    if model.config.resampler.offsets:
+        raise ValueError("the resampler already has offsets")
+    config = replace(
+        model.config,
+        resampler=replace(model.config.resampler, offsets=True),
+        name=name or model.config.name.removesuffix("-no-offsets"),
+    )
+    grown = CARModel(config).to(next(model.parameters()).device)
+    state = grown.state_dict()
+    old = model.state_dict()
+    for key, value in old.items():
+        state[key][: len(value)] = value  # a shared head's last conv: the kernel rows first
+    r = grown.resampler
+    if r.shared:
+        state["resampler.head." + f"{len(r.head) - 1}.weight"][r.taps :] = 0.0
+        state["resampler.head." + f"{len(r.head) - 1}.bias"][r.taps :] = 0.0
+    else:
+        for branch in ("offsets_h_generation", "offsets_v_generation"):
+            for key in state:
+                if key.startswith(f"resampler.{branch}."):
+                    kernel_key = key.replace(branch, "kernels_weight")
+                    state[key].copy_(old[kernel_key])
+            last = len(getattr(r, branch)) - 2  # the conv before the tanh
+            state[f"resampler.{branch}.{last}.weight"].zero_()
+            state[f"resampler.{branch}.{last}.bias"].zero_()
+        for key in state:
+            if key.startswith("resampler.offsets_trunk."):
+                state[key].copy_(old[key.replace("offsets_trunk", "kernels_trunk")])
+    grown.load_state_dict(state)
+    return grown.train(model.training)

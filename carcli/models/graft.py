@@ -28,10 +28,12 @@ from carcli.models.resampler import ResamplerNet
 
 def can_graft_shared_head(have: ResamplerConfig, want: ResamplerConfig) -> bool:
     """True when ``want`` is ``have`` with its two branches merged into one shared head
-    (whose last conv may differ in size, and which may drop the offsets)."""
-    if have.head != "separate" or want.head != "shared" or not have.offsets:
+    (whose last conv may differ in size, and which may drop the offsets, never add them)."""
+    if have.head != "separate" or want.head != "shared" or (want.offsets and not have.offsets):
         return False
-    return replace(want, head="separate", head_kernel=have.head_kernel, offsets=True) == have
+    return (
+        replace(want, head="separate", head_kernel=have.head_kernel, offsets=have.offsets) == have
+    )
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ def graft_shared_head(
     """
     if source.shared or not target.shared:
         raise ValueError("grafting needs a two-branch source and a shared-head target")
+    if target.offsets and not source.offsets:
+        raise ValueError("a resampler without offsets cannot teach a shared head offsets")
     for part in ("ds_1", "ds_2", "ds_4", "res_4", "ds_8"):
         getattr(target, part).load_state_dict(getattr(source, part).state_dict())
     target.trunk.load_state_dict(source.kernels_trunk.state_dict())
@@ -100,9 +104,10 @@ def graft_shared_head(
     watched = {
         "hidden": source.kernels_weight[2],  # the ReLU after the kernel head's first conv
         "kernels": source.kernels_weight[-1],
-        "offsets_h": source.offsets_h_generation[-2],  # the conv before the tanh
-        "offsets_v": source.offsets_v_generation[-2],
     }
+    if target.offsets:  # (a source without offsets never grafts onto a target with them)
+        watched["offsets_h"] = source.offsets_h_generation[-2]  # the conv before the tanh
+        watched["offsets_v"] = source.offsets_v_generation[-2]
     hooks = [
         module.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
         for name, module in watched.items()

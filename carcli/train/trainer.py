@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from carcli.checkpoints import GENERIC_ROLE
 from carcli.errors import UsageError, ValidationError, param
 from carcli.metrics import PEAK, rgb_to_y
-from carcli.models import CARConfig, CARModel, deepened, preset
+from carcli.models import CARConfig, CARModel, deepened, preset, with_offsets
 from carcli.models.graft import can_graft_shared_head, graft_shared_head
 from carcli.models.precision import autocast
 from carcli.models.quantize import quantize, quantize_for_training
@@ -373,6 +373,17 @@ class Trainer:
         if name in ("from-init", have.name):
             return
         want = preset(name, have.scale)
+        grow = replace(have.resampler, offsets=True)
+        if want.resampler == grow != have.resampler and want.sr != have.sr:
+            # A student design with offsets from a pair without them (the shipped 4x one):
+            # offsets added at zero, then the SR network as below. With the SR network kept
+            # (the default config), the pair is continued as it is, without offsets.
+            self.model = with_offsets(self.model)
+            have = self.model.config
+            self._say(
+                f"note: offsets added to the init checkpoint's resampler for config {name}; "
+                "they start at zero (the same images until training moves them)"
+            )
         same_widths = replace(want.sr, blocks=have.sr.blocks) == have.sr
         if want.resampler == have.resampler and same_widths and want.sr.blocks > have.sr.blocks:
             self.model = deepened(self.model, want.sr.blocks, name=name)
