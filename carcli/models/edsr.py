@@ -112,23 +112,30 @@ class FusedTail(nn.Module):
         x = feats.to(torch.promote_types(weights_type, torch.float32))
         if torch.compiler.is_exporting():
             return self._joined(x)
-        h, w = x.shape[-2:]
-        n, s = self.STRIP, self.scale
-        if min(h, w) < 2 * n:
+        if min(x.shape[-2:]) < 2 * self.STRIP:
             return self.layers(x)
-        weight, bias = self._weights(x)
-        out = F.pixel_shuffle(F.conv2d(x, weight, bias, padding=self.REACH), s)
-        band = s * self.BAND
-        top, bottom, left, right = edges
-        if top:
-            out[..., :band, :] = self.layers(x[..., :n, :])[..., :band, :]
-        if bottom:
-            out[..., -band:, :] = self.layers(x[..., -n:, :])[..., -band:, :]
-        if left:
-            out[..., :, :band] = self.layers(x[..., :, :n])[..., :, :band]
-        if right:
-            out[..., :, -band:] = self.layers(x[..., :, -n:])[..., :, -band:]
+        out = self._fused(x, *self._weights(x))
+        for side, edge in zip(_SIDES, edges, strict=True):
+            if edge:
+                where, band = self._edge_band(x, side)
+                out[where] = band
         return out
+
+    def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(F.conv2d(x, weight, bias, padding=self.REACH), self.scale)
+
+    def _edge_band(self, x: torch.Tensor, side: str) -> tuple[tuple, torch.Tensor]:
+        """(where in the output, the layers' values there) for the band along one side,
+        computed on a strip ``STRIP`` pixels deep (the whole input when it is smaller)."""
+        n, b = self.STRIP, self.scale * self.BAND
+        near = side in ("top", "left")
+        strip, band = (
+            (slice(None, n), slice(None, b)) if near else (slice(-n, None), slice(-b, None))
+        )
+        whole = slice(None)
+        rows = side in ("top", "bottom")
+        where = (..., band, whole) if rows else (..., whole, band)
+        return where, self.layers(x[(..., strip, whole) if rows else (..., whole, strip)])[where]
 
     def _joined(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for a graph export (ONNX): the image's four edge bands joined to
@@ -136,20 +143,21 @@ class FusedTail(nn.Module):
         and no branch on the input size (a graph holds for every size). Exact from 2 LR
         pixels a side: below 2 * STRIP the strips are the whole input, which the layers
         compute exactly. ONNX Runtime, 4x, 2 MP: 1.4 s against 3.2 s with the layers."""
-        layers, s, n = self.layers, self.scale, self.STRIP
         # Under export the parameters are traced stand-ins (their versions and addresses
         # say nothing, and deriving the weights there would trace the impulse responses):
         # the weights of the last inference pass (export_onnx runs one first), else the
         # layers themselves.
         if self._cache is None:
-            return layers(x)
-        weight, bias = self._cache[1], self._cache[2]
-        out = F.pixel_shuffle(F.conv2d(x, weight, bias, padding=self.REACH), s)
-        band = s * self.BAND
-        top, bottom = layers(x[..., :n, :])[..., :band, :], layers(x[..., -n:, :])[..., -band:, :]
+            return self.layers(x)
+        out = self._fused(x, self._cache[1], self._cache[2])
+        band = self.scale * self.BAND
+        top, bottom, left, right = (self._edge_band(x, side)[1] for side in _SIDES)
         out = torch.cat([top, out[..., band:-band, :], bottom], dim=-2)
-        left, right = layers(x[..., :, :n])[..., :, :band], layers(x[..., :, -n:])[..., :, -band:]
         return torch.cat([left, out[..., :, band:-band], right], dim=-1)
+
+
+# The order forward writes the edge bands in (the side bands overwrite the corners).
+_SIDES = ("top", "bottom", "left", "right")
 
 
 def _unwatched(layers: nn.Module, x: torch.Tensor) -> torch.Tensor:
