@@ -487,9 +487,14 @@ def _sr_scale(state: Mapping[str, torch.Tensor]) -> int | None:
     return 2 ** len(stages) if stages else None
 
 
+def _holds_official(folder: Path) -> bool:
+    """``folder`` holds kgn.pth or usn.pth (the authors' files) itself."""
+    return any((folder / name).exists() for name in OFFICIAL_FILES)
+
+
 def _official_folder(folder: Path, scale: int | None) -> Path:
     """The folder holding kgn.pth/usn.pth: ``folder`` itself or its ``{scale}x/``."""
-    if any((folder / name).exists() for name in OFFICIAL_FILES):
+    if _holds_official(folder):
         return folder
     subs = [s for s in SCALES if (folder / f"{s}x").is_dir()]
     if not subs:
@@ -546,7 +551,7 @@ def load_official(
 
 
 def _is_official(folder: Path, scale: int) -> bool:
-    return any((folder / n).exists() for n in OFFICIAL_FILES) or (folder / f"{scale}x").is_dir()
+    return _holds_official(folder) or (folder / f"{scale}x").is_dir()
 
 
 def _official_metadata(model: CARModel, folder: Path) -> dict[str, Any]:
@@ -678,7 +683,9 @@ def _checkpoint_entry(path: Path, role: str | None = None) -> dict[str, Any]:
 def _official_entry(folder: Path) -> dict[str, Any]:
     """The authors' kgn.pth/usn.pth in ``folder`` for a listing (paper config)."""
     kgn_path = folder / OFFICIAL_FILES[0]
-    entry: dict[str, Any] = {"path": folder, "role": "pair", "sha256": None, "metadata": {}}
+    entry: dict[str, Any] = {
+        "path": folder, "role": "pair", "sha256": None, "metadata": {"source": "official"},
+    }  # fmt: skip
     missing = [name for name in OFFICIAL_FILES if not (folder / name).is_file()]
     if missing:
         return entry | {
@@ -694,8 +701,8 @@ def _official_entry(folder: Path) -> dict[str, Any]:
     except WeightsError as exc:
         entry.update(scale=None, error=str(exc))
     else:
-        meta = {"source": "official", "config": preset("paper", scale).to_dict(), "scale": scale}
-        entry.update(scale=scale, metadata=meta)
+        entry["metadata"].update(config=preset("paper", scale).to_dict(), scale=scale)
+        entry["scale"] = scale
     return entry
 
 
@@ -725,6 +732,6 @@ def installed_weights(where: Path | None = None) -> list[dict]:
         found += [
             _official_entry(sub)
             for sub in (folder, *(folder / f"{s}x" for s in SCALES))
-            if (sub / OFFICIAL_FILES[0]).exists() or (sub / OFFICIAL_FILES[1]).exists()
+            if _holds_official(sub)
         ]
     return found

@@ -809,14 +809,12 @@ def info(json_file: JsonOpt = None, weights: WeightsOpt = None) -> None:
     (configuration, architecture, parameters, recorded validation, SHA-256).
     """
     from carcli.console import info_tables, stdout_console
-    from carcli.errors import WeightsError
     from carcli.info import gather
     from carcli.paths import check_report_target
 
     with _user_errors():
         check_report_target(json_file, [], [])
-        if weights is not None and not weights.expanduser().exists():
-            raise WeightsError(f"weights path {weights} does not exist")
+        _check_weights(weights)
     data = gather(weights)
     console = stdout_console()
     for renderable in info_tables(data):

@@ -228,10 +228,9 @@ def roundtrip_table(
     return table
 
 
-def _official(weights: dict[str, Any]) -> bool:
-    return (weights.get("metadata") or {}).get("source") == "official" or Path(
-        weights["file"]
-    ).is_dir()
+def _is_official(weights: dict[str, Any]) -> bool:
+    """The authors' kgn.pth/usn.pth folder (listed as one entry), not a carcli file."""
+    return (weights.get("metadata") or {}).get("source") == "official"
 
 
 def info_tables(info: dict[str, Any]) -> list[Any]:
@@ -258,7 +257,7 @@ def info_tables(info: dict[str, Any]) -> list[Any]:
     for w in info["weights"]:
         row = [
             f"{w['scale']}x" if w.get("scale") else "?",
-            Path(w["file"]).name + ("/ (kgn.pth, usn.pth)" if _official(w) else ""),
+            Path(w["file"]).name + ("/ (kgn.pth, usn.pth)" if _is_official(w) else ""),
             w.get("config") or "-",
             w.get("architecture") or "-",
             w.get("parameters") or "-",
