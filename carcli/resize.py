@@ -8,11 +8,11 @@ edge pixels mirrored ("symmetric") at the borders. OpenCV, Pillow and
 the kernel, which moves PSNR by tenths of a dB, so this module reproduces
 MATLAB's ``contributions`` routine exactly.
 
-Resizing is linear and separable: each output row (then column) is a weighted sum
-of the few input rows MATLAB's ``contributions`` names, summed tap by tap
-(``resize_weights`` gives the same weights as a dense matrix, for inspection).
-That is linear in the image size on any device, differentiable, and the taps are
-cached per size, scale, device and dtype.
+Resizing is linear and separable: each axis is a weight matrix, applied in blocks
+of output rows (then columns), each block multiplied only by the few input rows
+MATLAB's ``contributions`` names for it (``resize_weights`` gives the whole
+matrix, for inspection). That is linear in the image size on any device,
+differentiable, and the blocks are cached per size, scale, device and dtype.
 
 For 8-bit images (``uint8=True``) MATLAB does not resize in one float pass: it
 resizes one axis, rounds to uint8, then the other axis and rounds again (the
@@ -88,13 +88,19 @@ def _contributions(
     return cols, w
 
 
+def _fold(cols: np.ndarray, w: np.ndarray, width: int) -> np.ndarray:
+    """Contributions (rows x taps) as a dense (rows x width) matrix; an index that repeats
+    near a border adds its weights."""
+    rows = np.broadcast_to(np.arange(len(cols))[:, None], cols.shape)
+    matrix = np.zeros((len(cols), width))
+    np.add.at(matrix, (rows, cols), w)
+    return matrix
+
+
 @functools.lru_cache(maxsize=64)
 def _weights_np(in_len: int, out_len: int, scale: float, antialias: bool) -> np.ndarray:
     """The contributions folded into a dense (out_len x in_len) float64 matrix."""
-    cols, w = _contributions(in_len, out_len, scale, antialias)
-    rows = np.broadcast_to(np.arange(out_len)[:, None], cols.shape)
-    matrix = np.zeros((out_len, in_len))
-    np.add.at(matrix, (rows, cols), w)
+    matrix = _fold(*_contributions(in_len, out_len, scale, antialias), in_len)
     matrix.setflags(write=False)
     return matrix
 
@@ -134,8 +140,7 @@ def _bands(
     for start in range(0, out_len, BLOCK):
         c, v = cols[start : start + BLOCK], w[start : start + BLOCK]
         first, stop = int(c.min()), int(c.max()) + 1
-        block = np.zeros((len(c), stop - first))
-        np.add.at(block, (np.arange(len(c))[:, None].repeat(c.shape[1], 1), c - first), v)
+        block = _fold(c - first, v, stop - first)
         bands.append((first, stop, torch.tensor(block, device=device, dtype=dtype)))
     return tuple(bands)
 
