@@ -20,11 +20,8 @@ import time
 
 import torch
 
+from carcli.resize import _round_uint8 as _round  # MATLAB's rounding, on fresh temporaries
 from carcli.resize import bicubic_roundtrip, resize_weights
-
-
-def _round(x: torch.Tensor) -> torch.Tensor:
-    return torch.floor(x + 0.5).clamp_(0.0, 255.0)
 
 
 def dense_roundtrip(hr: torch.Tensor, scale: int) -> torch.Tensor:
