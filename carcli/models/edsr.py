@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -75,14 +76,21 @@ class FusedTail(nn.Module):
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight 3s^2 x F x 5 x 5, bias 3s^2) of the equivalent LR conv, from impulse responses.
 
-        Run through the layers themselves (their device and type: milliseconds) on an LR grid
-        wide enough that no response meets its edges: feature channel c set to 1 at the
-        centre gives, at LR offset (dy, dx) from it, the tap ``(REACH - dy, REACH - dx)`` of
-        input c for every output channel.
+        Run through a copy of the layers on an LR grid wide enough that no response meets
+        its edges: feature channel c set to 1 at the centre gives, at LR offset (dy, dx)
+        from it, the tap ``(REACH - dy, REACH - dx)`` of input c for every output channel.
+        The copy runs on the CPU in the plain layout, in float32 (float64 for a float64
+        network), so equal parameters give equal weights whatever the model's device, type
+        or memory format (derived in each model's own layout, a channels-last copy of a
+        model got weights 4e-8 apart, and outputs 1.6e-6 apart). Returns CPU tensors in
+        that type; callers cast them.
         """
-        layers, s, r = self.layers, self.scale, self.REACH
-        param = next(layers.parameters())
-        features, like = param.shape[1], {"device": param.device, "dtype": param.dtype}
+        s, r = self.scale, self.REACH
+        dtype = torch.promote_types(next(self.layers.parameters()).dtype, torch.float32)
+        layers = copy.deepcopy(self.layers).to("cpu", dtype)
+        layers.to(memory_format=torch.contiguous_format)
+        features = next(layers.parameters()).shape[1]
+        like = {"dtype": dtype}
         side = 4 * r + 1
         c = side // 2
         impulses = torch.zeros(features, features, side, side, **like)
